@@ -1,0 +1,221 @@
+"""Flow matching with stages: interpolant, velocity loss, stage-routed training step, and an
+ODE sampler (Euler or Heun) whose steps use their stage's patch shape and guidance.
+
+Time runs from t = 0 (noise x0) to t = 1 (data x1): x_t = t * x1 + (1 - t) * x0, and the
+model predicts the velocity x1 - x0.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import PatchShape, Schedule
+
+
+def interpolate(x0, x1, t):
+    """x_t for noise ``x0``, data ``x1`` and per-sample times ``t``."""
+    t = t.view(-1, *([1] * (x1.dim() - 1)))
+    return t * x1 + (1 - t) * x0
+
+
+def velocity_target(x0, x1):
+    return x1 - x0
+
+
+def stage_patches(schedule: Schedule, t: torch.Tensor) -> list[PatchShape]:
+    """The patch shape each sample's time routes it to."""
+    return [schedule.stages[i].patch for i in schedule.stage_index(t).tolist()]
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast on ``device`` when asked, a no-op otherwise."""
+    device_type = torch.device(device).type
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def flow_loss(model, x1, y, schedule: Schedule, generator=None, packed=False, bf16=False):
+    """Velocity MSE with t ~ U[0, 1) and each sample routed to its stage's patch shape.
+
+    Returns the mean loss and the per-sample times (for per-stage statistics).
+    """
+    t = torch.rand(x1.shape[0], device=x1.device, generator=generator)
+    x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
+    with autocast(x1.device, bf16):
+        v = model(interpolate(x0, x1, t), model.timestep_input(t), y, stage_patches(schedule, t), packed=packed)
+    return F.mse_loss(v.float(), velocity_target(x0, x1).float()), t
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+def train_step(model, optimizer, x1, y, schedule: Schedule, generator=None, packed=False, bf16=False,
+               grad_clip: float | None = None) -> float:
+    """One optimiser step of stage-routed flow matching; returns the loss."""
+    model.train()
+    loss, _ = flow_loss(model, x1, y, schedule, generator, packed, bf16)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite training loss {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+#################################################################################
+#                                     Sampling                                  #
+#################################################################################
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """ODE solver settings. ``steps``: total steps (split over stages in proportion to their
+    length, at least one each) or a list with one count per stage."""
+
+    steps: int | tuple[int, ...] = 50
+    solver: str = "euler"  # "euler" or "heun"
+    guidance: float = 1.0  # for stages whose guidance the schedule leaves open
+    bf16: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if self.solver not in ("euler", "heun"):
+            raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
+        if not isinstance(self.steps, int):
+            object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+
+    @property
+    def evals_per_step(self) -> int:
+        return 2 if self.solver == "heun" else 1
+
+
+def steps_per_stage(schedule: Schedule, steps: int | Sequence[int]) -> list[int]:
+    """Steps of each stage: given per stage, or a total split in proportion to stage length
+    (largest remainder, at least one step each)."""
+    n = len(schedule.stages)
+    if not isinstance(steps, int):
+        steps = list(steps)
+        if len(steps) != n or min(steps) < 1:
+            raise ValueError(f"need one positive step count per stage ({n}), got {steps}")
+        return steps
+    if steps < n:
+        raise ValueError(f"{steps} steps cannot cover {n} stages (at least one step each)")
+    exact = [steps * s.length for s in schedule.stages]
+    counts = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(n), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: steps - sum(counts)]:
+        counts[i] += 1
+    while min(counts) == 0:  # a very short stage still gets a step, taken from the longest
+        counts[counts.index(max(counts))] -= 1
+        counts[counts.index(0)] = 1
+    return counts
+
+
+def time_grid(schedule: Schedule, steps) -> list[tuple[int, torch.Tensor]]:
+    """(stage index, times from t_start to t_end) for each stage."""
+    return [
+        (i, torch.linspace(stage.t_start, stage.t_end, n + 1, dtype=torch.float64))
+        for i, (stage, n) in enumerate(zip(schedule.stages, steps_per_stage(schedule, steps)))
+    ]
+
+
+class _Velocity:
+    """Guided velocity of one stage: v_u + s (v_c - v_u), with the unconditional pass
+    skipped where s = 1. Optionally compiled or captured as a CUDA graph per stage."""
+
+    def __init__(self, model, patch: PatchShape, scale: float, y, null_label, config: SamplerConfig):
+        self.model, self.patch, self.scale, self.bf16 = model, patch, scale, config.bf16
+        self.y = y if scale == 1.0 else torch.cat([y, torch.full_like(y, null_label)])
+        self.fn = self._eval
+        self.graph = None
+        self.use_graph = config.cuda_graphs
+
+    def _eval(self, x, t):
+        guided = self.scale != 1.0
+        x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
+        with autocast(x.device, self.bf16):
+            out = self.model(x_in, self.model.timestep_input(t_in), self.y, self.patch).float()
+        if not guided:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+    def __call__(self, x, t):
+        if not self.use_graph:
+            return self.fn(x, t)
+        if self.graph is None:
+            self._capture(x, t)
+        self.static_x.copy_(x)
+        self.static_t.copy_(t)
+        self.graph.replay()
+        return self.static_out.clone()
+
+    def _capture(self, x, t):
+        self.static_x, self.static_t = x.clone(), t.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph, as CUDA graphs require
+                self.fn(self.static_x, self.static_t)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = self.fn(self.static_x, self.static_t)
+
+
+_compiled = weakref.WeakKeyDictionary()
+
+
+def compiled(model):
+    """``torch.compile(model)``, made once per model (one graph per patch shape)."""
+    if model not in _compiled:
+        _compiled[model] = torch.compile(model)
+    return _compiled[model]
+
+
+@torch.no_grad()
+def sample(model, schedule: Schedule, noise, y, config: SamplerConfig = SamplerConfig()):
+    """Integrate the probability-flow ODE from ``noise`` (t = 0) to data (t = 1).
+
+    Each step uses the patch shape and guidance of the stage it lies in; Heun's corrector
+    stays in the step's stage. Deterministic given ``noise``.
+    """
+    model.eval()
+    net = compiled(model) if config.compile else model
+    schedule = schedule.with_guidance(config.guidance)
+    x = noise.float()
+    for index, grid in time_grid(schedule, config.steps):
+        stage = schedule.stages[index]
+        velocity = _Velocity(net, stage.patch, stage.guidance, y, model.config.num_classes, config)
+        for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+            dt = t1 - t0
+            v0 = velocity(x, x.new_full((x.shape[0],), t0))
+            if config.solver == "euler":
+                x = x + dt * v0
+            else:
+                x_pred = x + dt * v0
+                v1 = velocity(x_pred, x.new_full((x.shape[0],), t1))
+                x = x + dt * 0.5 * (v0 + v1)
+    return x
+
+
+def fixed_noise(num, shape, seed, device="cpu"):
+    """Noise drawn from a fixed seed, the same on every trial (common random numbers)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((num, *shape), generator=generator).to(device)
