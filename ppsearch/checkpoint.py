@@ -60,7 +60,7 @@ def _require(state, key, path):
     return state[key]
 
 
-def _infer_config(state, path, model_name) -> PPFlowConfig:
+def _infer_config(state, path, model_name, num_heads) -> PPFlowConfig:
     """Sizes from tensor shapes; heads and time convention from the model name."""
     proj = _require(state, "x_embedder.proj.weight", path)
     if proj.dim() != 4:
@@ -82,10 +82,12 @@ def _infer_config(state, path, model_name) -> PPFlowConfig:
             raise CheckpointError(
                 f"{path} does not match {match[0]}: it has depth {depth}, width {hidden}, patch {ph}"
             )
-    elif hidden in _HEADS_BY_WIDTH:
-        heads = _HEADS_BY_WIDTH[hidden]
+    elif num_heads or hidden in _HEADS_BY_WIDTH:
+        heads = num_heads or _HEADS_BY_WIDTH[hidden]
     else:
-        raise CheckpointError(f"{path}: cannot tell the number of heads of width {hidden}; pass a model name")
+        raise CheckpointError(f"{path}: cannot tell the number of heads of width {hidden}; give num_heads or a model name")
+    if hidden % heads:
+        raise CheckpointError(f"{path}: width {hidden} is not divisible by {heads} heads")
     return PPFlowConfig(
         input_size=(side * ph, side * pw), in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
@@ -116,18 +118,19 @@ def _official_to_ppflow(state, config: PPFlowConfig, path) -> dict[str, torch.Te
     return out
 
 
-def load_base(path: str | Path, model_name: str | None = None) -> PPFlowDiT:
+def load_base(path: str | Path, model_name: str | None = None, num_heads: int | None = None) -> PPFlowDiT:
     """A PPFlow model from an official DiT/SiT checkpoint or a ppsearch checkpoint.
 
     ``model_name`` (e.g. ``"SiT-XL/2"`` or ``"DiT-XL/2"``) names the size and the time
     convention; without it both are read from the file name when it is an official one,
-    else the width gives the heads and SiT's flow time is assumed.
+    else the width gives the heads (``num_heads`` for unofficial widths) and SiT's flow time
+    is assumed.
     """
     state, metadata = read_state_dict(path)
     if "config" in metadata:
         config = config_from_dict(json.loads(metadata["config"]))
     else:
-        config = _infer_config(state, path, model_name)
+        config = _infer_config(state, path, model_name, num_heads)
         state = _official_to_ppflow(state, config, path)
     with torch.device("meta"):
         model = PPFlowDiT(config)
