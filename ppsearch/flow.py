@@ -137,49 +137,49 @@ def time_grid(schedule: Schedule, steps) -> list[tuple[int, torch.Tensor]]:
 
 class _Velocity:
     """Guided velocity of one stage: v_u + s (v_c - v_u), with the unconditional pass
-    skipped where s = 1. Optionally compiled or captured as a CUDA graph per stage."""
+    skipped where s = 1."""
 
-    def __init__(self, model, patch: PatchShape, scale: float, y, null_label, config: SamplerConfig):
-        self.model, self.patch, self.scale, self.bf16 = model, patch, scale, config.bf16
-        self.y = y if scale == 1.0 else torch.cat([y, torch.full_like(y, null_label)])
-        self.fn = self._eval
-        self.graph = None
-        self.use_graph = config.cuda_graphs
+    def __init__(self, model, patch: PatchShape, scale: float, bf16: bool):
+        self.model, self.patch, self.scale, self.bf16 = model, patch, scale, bf16
 
-    def _eval(self, x, t):
+    def __call__(self, x, t, y):
         guided = self.scale != 1.0
-        x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
+        if guided:
+            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.model.config.num_classes)])
         with autocast(x.device, self.bf16):
-            out = self.model(x_in, self.model.timestep_input(t_in), self.y, self.patch).float()
+            out = self.model(x, self.model.timestep_input(t), y, self.patch).float()
         if not guided:
             return out
         cond, uncond = out.chunk(2)
         return uncond + self.scale * (cond - uncond)
 
-    def __call__(self, x, t):
-        if not self.use_graph:
-            return self.fn(x, t)
-        if self.graph is None:
-            self._capture(x, t)
-        self.static_x.copy_(x)
-        self.static_t.copy_(t)
-        self.graph.replay()
-        return self.static_out.clone()
 
-    def _capture(self, x, t):
-        self.static_x, self.static_t = x.clone(), t.clone()
+class _GraphedVelocity(_Velocity):
+    """The same, captured once as a CUDA graph and replayed on static input buffers."""
+
+    def __call__(self, x, t, y):
+        if not hasattr(self, "graph"):
+            self._capture(x, t, y)
+        for static, value in zip(self.static_in, (x, t, y)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.static_out.clone()  # the next replay overwrites the output buffer
+
+    def _capture(self, x, t, y):
+        self.static_in = (x.clone(), t.clone(), y.clone())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph, as CUDA graphs require
-                self.fn(self.static_x, self.static_t)
+            for _ in range(2):  # CUDA graphs need a warm-up on a side stream
+                super().__call__(*self.static_in)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_out = self.fn(self.static_x, self.static_t)
+            self.static_out = super().__call__(*self.static_in)
 
 
 _compiled = weakref.WeakKeyDictionary()
+_graphed = weakref.WeakKeyDictionary()
 
 
 def compiled(model):
@@ -187,6 +187,17 @@ def compiled(model):
     if model not in _compiled:
         _compiled[model] = torch.compile(model)
     return _compiled[model]
+
+
+def _velocity(model, net, patch, scale, x, config: SamplerConfig) -> _Velocity:
+    """The stage's velocity function; CUDA graphs are kept per model and input shape."""
+    if not config.cuda_graphs:
+        return _Velocity(net, patch, scale, config.bf16)
+    graphs = _graphed.setdefault(model, {})
+    key = (patch, scale, tuple(x.shape), x.device, config.bf16, config.compile)
+    if key not in graphs:
+        graphs[key] = _GraphedVelocity(net, patch, scale, config.bf16)
+    return graphs[key]
 
 
 @torch.no_grad()
@@ -202,15 +213,15 @@ def sample(model, schedule: Schedule, noise, y, config: SamplerConfig = SamplerC
     x = noise.float()
     for index, grid in time_grid(schedule, config.steps):
         stage = schedule.stages[index]
-        velocity = _Velocity(net, stage.patch, stage.guidance, y, model.config.num_classes, config)
+        velocity = _velocity(model, net, stage.patch, stage.guidance, x, config)
         for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
             dt = t1 - t0
-            v0 = velocity(x, x.new_full((x.shape[0],), t0))
+            v0 = velocity(x, x.new_full((x.shape[0],), t0), y)
             if config.solver == "euler":
                 x = x + dt * v0
             else:
                 x_pred = x + dt * v0
-                v1 = velocity(x_pred, x.new_full((x.shape[0],), t1))
+                v1 = velocity(x_pred, x.new_full((x.shape[0],), t1), y)
                 x = x + dt * 0.5 * (v0 + v1)
     return x
 
