@@ -483,6 +483,8 @@ PPFlow_models = {
     }.items()
     for patch in (2, 4, 8)
 }
+# The embedded default's tiny base (16x16 digits), small enough to pretrain on a laptop CPU.
+PPFlow_models["T/2"] = _constructor(6, 96, 4, 2)
 
 
 def ppflow_variant(base: PPFlowDiT, patches) -> PPFlowDiT:
