@@ -15,3 +15,8 @@ __all__ = [
     "PPFlow_models", "PPFlowConfig", "PPFlowDiT", "ppflow_variant",
     "PatchShape", "Schedule", "ScheduleError", "Stage",
 ]
+
+from .query import QueryError, export_trial, front, pick_trial, trials
+from .store import Store, StoreError, TrialRecord
+
+__all__ += ["QueryError", "export_trial", "front", "pick_trial", "trials", "Store", "StoreError", "TrialRecord"]

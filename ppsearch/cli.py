@@ -108,21 +108,101 @@ def cmd_features(args):
           f"in {report['train_seconds']} s; wrote {args.out}")
 
 
-def _trainer_from_args(words: list[str], default: str | None):
-    """``[trainer=NAME | FILE.yaml] [key=value ...]`` -> a TrainerConfig."""
-    from .config import ConfigError, load_trainer
+def _named_config(words: list[str], key: str, default: str | None, load):
+    """``[KEY=NAME | FILE.yaml] [key=value ...]`` -> ``load(name or path, overrides)``."""
+    from .config import ConfigError
 
     source, overrides = default, []
     for word in words:
-        if word.startswith("trainer="):
+        if word.startswith(f"{key}="):
             source = word.split("=", 1)[1]
         elif word.endswith((".yaml", ".yml")) and "=" not in word:
             source = word
         else:
             overrides.append(word)
     if source is None:
-        raise ConfigError("name a trainer config: FILE.yaml or trainer=NAME")
-    return load_trainer(source, overrides)
+        raise ConfigError(f"name a {key} config: FILE.yaml or {key}=NAME")
+    return load(source, overrides)
+
+
+def _trainer_from_args(words: list[str], default: str | None):
+    from .config import load_trainer
+
+    return _named_config(words, "trainer", default, load_trainer)
+
+
+def _study_from_args(words: list[str]):
+    from .config import load_study
+
+    return _named_config(words, "study", "toy", load_study)
+
+
+def cmd_launch(args):
+    from .search import Driver
+
+    config = _study_from_args(args.overrides)
+    summary = Driver(config).run()
+    print(f"study {config.name}: {summary['trials']} trials in {summary['seconds'] / 60:.1f} min; "
+          f"front: trials {', '.join(map(str, summary['front'])) or '-'}")
+
+
+def _front_text(table) -> str:
+    """A front as a table a person reads: FID with its noise, speed-up over the base schedule."""
+    if table.empty:
+        return "  (empty: no COMPLETE trial yet)"
+    noise = table.fid_std.map(lambda std: f" +- {std:.2g}" if std == std else "")  # NaN: no estimate
+    shown = table.assign(**{"GMACs": table.gmacs.map("{:.4g}".format),
+                            "speed-up": table.speedup.map("{:.2f}x".format),
+                            "FID": table.fid.map("{:.3g}".format) + noise, "baseline": table.baseline.fillna("")})
+    return shown[["schedule", "GMACs", "speed-up", "FID", "trial", "baseline"]].to_string(index=False)
+
+
+def cmd_status(args):
+    from . import query
+    from .store import STATES, hidden_password
+
+    config = _study_from_args(args.overrides)
+    table = query.trials(config)
+    counts = table.state.value_counts()
+    print(f"study {config.name} in {hidden_password(config.storage)}: {len(table)} trials, "
+          + ", ".join(f"{counts.get(state, 0)} {state}" for state in STATES))
+    front = query.front(config)
+    print(f"front ({len(front)} trials):\n{_front_text(front)}")
+    failed = table[table.state == "FAIL"].sort_values("trial")
+    if not failed.empty:
+        print(f"failed ({len(failed)}):")
+    for r in failed.itertuples():
+        error = r.error.strip().splitlines()[0] if isinstance(r.error, str) and r.error.strip() else "no message"
+        print(f"  trial {r.trial} {r.schedule} ({r.attempts} attempts): {error}")
+
+
+def cmd_front(args):
+    from . import query
+
+    config = _study_from_args(args.overrides)
+    table = query.front(config, max_gmacs=args.max_gmacs, max_fid=args.max_fid)
+    if args.format == "csv":
+        print(table[query.COLUMNS].to_csv(index=False), end="")
+    elif args.format == "json":
+        print(table[query.COLUMNS].to_json(orient="records", indent=2))
+    else:
+        print(f"front of study {config.name}: {len(table)} trials (GMACs per sample; speed-up over the base)")
+        print(_front_text(table))
+
+
+def cmd_plot(args):
+    from . import query
+
+    print(f"wrote {query.plot(_study_from_args(args.overrides), out=args.out)}")
+
+
+def cmd_export(args):
+    from . import query
+
+    config = _study_from_args(args.overrides)
+    trial = args.trial if args.pick is None else query.pick_trial(query.front(config), args.pick)
+    out = query.export_trial(config, trial=trial, out=args.out)
+    print(f"exported trial {trial} of study {config.name} to {out}; train it with: ppsearch train {out}")
 
 
 def cmd_train(args):
@@ -132,6 +212,46 @@ def cmd_train(args):
     result = train(config)
     print(f"trained {config.schedule} for {result.steps} steps (final loss {result.final_loss:.4f}, "
           f"{result.steps_per_second:.2f} steps/s); weights: {result.checkpoint}")
+
+
+def cmd_eval(args):
+    from .checkpoint import load_base
+    from .evaluate import Evaluator, save_grid
+    from .train import base_path, resolve_device
+
+    config = _trainer_from_args(args.overrides, "pretrain_tiny")
+    if args.num_samples:
+        config.eval.num_samples = args.num_samples
+    config.eval.fid.progress = not args.json
+    schedule = Schedule.parse(args.schedule)
+    device = resolve_device(config.device)
+    start = time.perf_counter()
+    evaluator = Evaluator(config.eval, config.data, device)  # checks FID settings before sampling
+    checkpoint = args.checkpoint or str(base_path("embedded"))
+    model = load_base(checkpoint, config.model_name)
+    schedule.check_for(model.config.input_size, model.config.base_patch)
+    untrained = [str(p) for p in schedule.patch_shapes if str(p) not in model.levels]
+    model = model.add_patch_shapes(schedule.patch_shapes).to(device)
+    images, sampling_seconds = evaluator.timed_sample(model, schedule)
+    result = evaluator.score(model, schedule, images, sampling_seconds)
+    report = {"checkpoint": checkpoint, "untrained_patch_shapes": untrained, **result.to_dict(),
+              "wall_seconds": time.perf_counter() - start}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        save_grid(images, out / "samples.png")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    fid = result.fid
+    print(f"{schedule}: FID {fid.fid:.2f} +- {fid.fid_std:.2f} ({fid.num_samples} samples, extractor {fid.extractor} "
+          f"[{fid.extractor_weights}], reference {fid.reference_key})")
+    print(f"  {result.gmacs:.4f} GMACs per sample ({100 * result.relative_gmacs:.1f}% of the base), "
+          f"{result.sampler['solver']} {result.sampler['steps']} steps, cfg {result.sampler['guidance']}; "
+          f"sampling {result.sampling_seconds:.1f} s, FID {result.fid_seconds:.1f} s, total {report['wall_seconds']:.1f} s"
+          + (f"; levels {', '.join(untrained)} initialised from the base, not fine-tuned" if untrained else "")
+          + (f"; wrote {args.out}/eval.json and samples.png" if args.out else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the latents here (torch.save)")
     _sampler_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("launch", help="run or resume a search (study=NAME, default toy; then key=value overrides)")
+    p.add_argument("overrides", nargs="*", help="study=NAME or FILE.yaml, trainer=NAME, search_space=NAME, "
+                                                "key=value (e.g. n_trials=20 trainer.steps=200 storage=URL)")
+    p.set_defaults(func=cmd_launch)
+
+    study_words = "study=NAME (default toy) or FILE.yaml, then key=value overrides (e.g. storage=URL)"
+    p = sub.add_parser("status", help="a study's trials by state, its front and its failures")
+    p.add_argument("overrides", nargs="*", help=study_words)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("front", help="a study's Pareto front: schedule, GMACs, speed-up, FID +- noise")
+    p.add_argument("--max-gmacs", type=float, help="only front trials with at most this many GMACs per sample")
+    p.add_argument("--max-fid", type=float, help="only front trials with at most this FID")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("overrides", nargs="*", help=study_words)
+    p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("plot", help="PNG of a study's trials, front and hypervolume history")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("overrides", nargs="*", help=study_words)
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("export", help="a trial's schedule as a trainer config that ppsearch train runs")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="a COMPLETE trial's number")
+    which.add_argument("--pick", help="knee (the front's best trade-off) or best-fid-under-gmacs=X")
+    p.add_argument("--out", help="the YAML file to write (default: EXPORT_DIR/STUDY-trialN.yaml)")
+    p.add_argument("overrides", nargs="*", help=study_words)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="sample a model under a schedule and score it (FID, GMACs, time)")
+    p.add_argument("--schedule", required=True)
+    p.add_argument("--checkpoint", help="default: the embedded tiny base")
+    p.add_argument("--num-samples", type=int, help="samples for FID (default: the trainer's eval.num_samples)")
+    p.add_argument("--out", help="folder for eval.json and a PNG grid of samples")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="trainer=NAME or FILE.yaml (data and eval settings; default "
+                                                "pretrain_tiny), then key=value overrides, e.g. eval.steps=50")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train a PPFlow variant from a trainer config (resumable)")
     p.add_argument("overrides", nargs="*", help="FILE.yaml or trainer=NAME, then key=value overrides")

@@ -53,7 +53,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
-    ema_decay: float = 0.999  # 0: no EMA, the raw weights are the result
+    ema_decay: float = 0.999  # warmed up as min(decay, step / (step + 10)); 0: no EMA
     class_dropout_prob: float = 0.1
     packed: bool = False
     bf16: bool = False
@@ -66,6 +66,49 @@ class TrainerConfig:
     out_dir: str = "runs/train"
     progress: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class SearchSpaceConfig:
+    """Which schedules a search may propose."""
+
+    stage_counts: list[int] = field(default_factory=lambda: [1, 2, 3])
+    patch_shapes: list[str] = field(default_factory=lambda: ["2x2", "2x4", "4x2", "4x4", "8x8"])
+    boundary_min: float = 0.1  # inner stage boundaries lie on this grid
+    boundary_max: float = 0.95
+    boundary_step: float = 0.05
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0])  # per stage
+    pin_last_to_base: bool = True  # the last stage (nearest the data) uses the base patch
+
+
+@dataclass
+class RayConfig:
+    """Where trials run. ``address`` null: RAY_ADDRESS if set, else a local Ray started and
+    stopped by the command."""
+
+    address: str | None = None
+    num_cpus_per_trial: float = 1.0
+    num_gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None  # None: as many as the resources allow
+    max_retries: int = 2  # a worker or node death re-runs the trial this often
+
+
+@dataclass
+class StudyConfig:
+    """One search: what it searches, how each trial trains and is scored, where it is stored."""
+
+    name: str = "toy"
+    storage: str = "sqlite:///ppsearch.db"  # any SQLAlchemy URL
+    sampler: str = "tpe"  # tpe | nsga2 | random | gp
+    n_trials: int = 12  # the trial budget, baselines included
+    max_gmacs: float | None = None  # GMACs budget per sample; proposals above it never run
+    seed: int = 0
+    baselines: bool = True  # enqueue the base, PPF-2 and PPF-3 first
+    checkpoint_dir: str = "runs/checkpoints"
+    export_dir: str = "exports"
+    ray: RayConfig = field(default_factory=RayConfig)
+    search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
 def typed(schema: type[T], data: Any, where: str, overrides: list[str] = ()) -> T:
@@ -90,12 +133,14 @@ def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
     parsed = []
     for text in overrides:
+        # The message names the key only: a value may be a database URL with its password.
+        key = text.partition("=")[0]
         try:
             override = OverridesParser.create().parse_overrides([_literal_commas(text)])[0]
-        except HydraException as err:
-            raise ConfigError(f"bad override {text!r}: expected key=value ({str(err).splitlines()[0]})") from None
+        except HydraException:
+            raise ConfigError(f"bad override of {key!r}: expected key=value (quote a value holding '=' or spaces)") from None
         if override.is_delete() or override.is_add() or override.is_sweep_override() or override.package:
-            raise ConfigError(f"bad override {text!r}: expected key=value")
+            raise ConfigError(f"bad override of {key!r}: expected key=value")
         parsed.append((override.key_or_group, override.value()))
     return parsed
 
@@ -138,6 +183,23 @@ def compose(group: str, name_or_path: str, choices: list[str] = ()):
 def load_trainer(name_or_path: str, overrides: list[str] = ()) -> TrainerConfig:
     """A trainer from ``trainers/`` (by name) or an exported YAML file, with overrides."""
     return typed(TrainerConfig, compose("trainers", name_or_path), f"trainer {name_or_path}", overrides)
+
+
+# ``trainer=NAME`` on the command line picks a member of the trainers group for the study.
+_CHOICES = {"trainer": "trainers@trainer", "search_space": "search_spaces@search_space"}
+
+
+def load_study(name_or_path: str, overrides: list[str] = ()) -> StudyConfig:
+    """A study from ``studies/`` (by name) or a YAML file; ``trainer=NAME`` and
+    ``search_space=NAME`` swap the composed members, other overrides set values."""
+    choices, values = [], []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in _CHOICES:
+            choices.append(f"{_CHOICES[key]}={value}")
+        else:
+            values.append(override)
+    return typed(StudyConfig, compose("studies", name_or_path, choices), f"study {name_or_path}", values)
 
 
 def to_yaml(config) -> str:

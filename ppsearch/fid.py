@@ -119,7 +119,9 @@ class FIDResult:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats to [0, 255] uint8, as images saved to disk would be."""
+    """[-1, 1] floats to [0, 255] uint8, as images saved to disk would be; uint8 stays as is."""
+    if images.dtype == torch.uint8:
+        return images
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

@@ -4,6 +4,7 @@ exported config all run through :func:`train`."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_base, save_model
+from .checkpoint import CheckpointError, load_base, save_model
 from .config import TrainerConfig
 from .data import load_dataset
 from .flow import train_step, update_ema
@@ -39,22 +40,40 @@ def base_path(base: str) -> Path:
     return EMBEDDED_BASE if base == "embedded" else Path(base)
 
 
-def build_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT:
-    """The variant to train: the base (or a fresh model) with a level for every patch shape of
-    the schedule, initialised from the base patch."""
-    schedule = Schedule.parse(config.schedule)
+@functools.lru_cache(maxsize=1)
+def _loaded_base(path: str, mtime_ns: int, size: int, model_name: str | None) -> PPFlowDiT:
+    return load_base(path, model_name)
+
+
+def shared_base(path: Path, model_name: str | None) -> PPFlowDiT:
+    """A fresh copy of the base at ``path``, read once per process (and again if the file changes)."""
+    if not path.is_file():
+        raise CheckpointError(f"base checkpoint not found: {path}")
+    stat = path.stat()
+    return copy.deepcopy(_loaded_base(str(path), stat.st_mtime_ns, stat.st_size, model_name))
+
+
+def base_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT:
+    """The base the config names (or a fresh model of its size), checked against the data."""
     channels, *size = data_shape
     if config.base is None:
         if config.model not in PPFlow_models:
             raise TrainError(f"unknown model {config.model!r}; one of {', '.join(PPFlow_models)}")
-        model = PPFlow_models[config.model](input_size=tuple(size), in_channels=channels, num_classes=num_classes)
-    else:
-        model = load_base(base_path(config.base), config.model_name)
-        got = (model.config.in_channels, *model.config.input_size)
-        if got != (channels, *size) or model.config.num_classes < num_classes:
-            raise TrainError(f"base {config.base} takes {got[0]}x{got[1]}x{got[2]} latents of "
-                             f"{model.config.num_classes} classes; the data is {channels}x{size[0]}x{size[1]} "
-                             f"of {num_classes} classes")
+        return PPFlow_models[config.model](input_size=tuple(size), in_channels=channels, num_classes=num_classes)
+    model = shared_base(base_path(config.base), config.model_name)
+    got = (model.config.in_channels, *model.config.input_size)
+    if got != (channels, *size) or model.config.num_classes < num_classes:
+        raise TrainError(f"base {config.base} takes {got[0]}x{got[1]}x{got[2]} latents of "
+                         f"{model.config.num_classes} classes; the data is {channels}x{size[0]}x{size[1]} "
+                         f"of {num_classes} classes")
+    return model
+
+
+def build_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT:
+    """The variant to train: the base with a level for every patch shape of the schedule,
+    initialised from the base patch."""
+    schedule = Schedule.parse(config.schedule)
+    model = base_model(config, data_shape, num_classes)
     schedule.check_for(model.config.input_size, model.config.base_patch)
     model.y_embedder.dropout_prob = config.class_dropout_prob
     return model.add_patch_shapes(schedule.patch_shapes)
@@ -80,6 +99,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     steps_per_second: float
+    model: PPFlowDiT  # the EMA weights, as saved
 
 
 def _lr(config: TrainerConfig, step: int) -> float:
@@ -113,7 +133,7 @@ def train(config: TrainerConfig, log=print) -> TrainResult:
         x1, y = next(stream)
         loss = train_step(model, optimizer, x1, y, schedule, generator=noise_generator, packed=config.packed,
                           bf16=config.bf16, grad_clip=config.grad_clip)
-        update_ema(ema, model, config.ema_decay if step > 0 else 0.0)
+        update_ema(ema, model, min(config.ema_decay, step / (step + 10)))
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -126,7 +146,8 @@ def train(config: TrainerConfig, log=print) -> TrainResult:
     seconds = time.perf_counter() - begun
     _save(out, config, model, ema, optimizer, generator, noise_generator, config.steps, loss)
     done = config.steps - start
-    return TrainResult(str(out / "model.safetensors"), config.steps, loss, seconds, done / seconds if seconds else 0.0)
+    return TrainResult(str(out / "model.safetensors"), config.steps, loss, seconds,
+                       done / seconds if seconds else 0.0, ema.eval())
 
 
 def _save(out: Path, config, model, ema, optimizer, generator, noise_generator, step, loss):

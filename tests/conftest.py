@@ -3,6 +3,8 @@ import torch
 
 from ppsearch.models import PPFlowConfig, PPFlowDiT
 
+pytest_plugins = ["postgres"]  # tests/postgres.py: a PostgreSQL server and database fixtures
+
 
 def randomized(model, std=0.05, seed=0):
     """Every parameter random and non-zero, so that no path hides behind adaLN-Zero."""

@@ -1,0 +1,274 @@
+"""The search driver. One process owns the Optuna study (ask / tell; the only writer of the
+database); every trial runs as a Ray task. Killing the driver loses no finished trial: the
+next ``launch`` of the same study fails the trials it left RUNNING, queues their schedules
+again and goes on until the trial budget is spent."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import TrialState
+
+from .config import ConfigError, StudyConfig
+from .data import load_dataset
+from .flops import sample_cost
+from .flow import SamplerConfig
+from .query import CONFIG_ATTR
+from .schedule import Schedule
+from .space import SearchSpace, baselines
+from .store import Store, TrialRecord
+from .train import base_model
+from .trial import run_trial
+
+# Settings that decide what a trial's numbers mean: a study cannot change them on resume.
+_FIXED = ("search_space", "trainer")
+_MAX_IDLE_PROPOSALS = 200  # proposals in a row that add no new schedule: the space is spent
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # ppsearch logs each trial itself
+warnings.filterwarnings("ignore", category=ExperimentalWarning)  # TPE's group, metric names
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for ``name``. TPE is multivariate with grouping, which models the
+    conditional space (parameters that exist for some stage counts only) jointly."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=5)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp")
+
+
+@dataclass
+class Proposal:
+    trial: optuna.trial.Trial
+    schedule: Schedule
+    baseline: str | None
+
+
+def _error_line(err: BaseException) -> str:
+    """One line for a failed trial: the original exception inside Ray's wrapper."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+class Driver:
+    """Runs (or resumes) one study to its trial budget."""
+
+    def __init__(self, config: StudyConfig, log=print):
+        self.config, self.log = config, log
+        trainer = config.trainer
+        data = load_dataset(trainer.data, "train")  # header only for latent shards
+        model_config = base_model(trainer, data.shape, data.num_classes).config
+        self.model_config = model_config
+        self.space = SearchSpace(config.search_space, model_config.base_patch, model_config.input_size,
+                                 trainer.eval.guidance)
+        self.sampler_config = SamplerConfig(steps=trainer.eval.steps, solver=trainer.eval.solver,
+                                            guidance=trainer.eval.guidance)
+        trainer.eval.fid.check()  # a missing Inception file fails now, not in every worker
+        self.store = Store(config.storage)
+        self.study = optuna.create_study(
+            study_name=config.name, storage=config.storage, directions=["minimize", "minimize"],
+            sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
+        self.study.set_metric_names(["gmacs", "fid"])
+        self._check_settings()
+
+    # -- study bookkeeping -----------------------------------------------------------
+    def _check_settings(self):
+        stored = self.study.user_attrs.get(CONFIG_ATTR)
+        current = json.loads(json.dumps(asdict(self.config)))
+        if stored:
+            changed = [k for k in _FIXED if stored.get(k) != current[k]]
+            if changed:
+                raise ConfigError(f"study {self.config.name!r} was run with other {' and '.join(changed)} settings; "
+                                  f"resume it with the same ones or start a new study name")
+        self.study.set_user_attr(CONFIG_ATTR, current)
+
+    def _counted(self) -> int:
+        """Trials that spent the budget: trained, finished or failed on their own."""
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("counted"))
+
+    def _recover(self):
+        """Fail the trials a dead driver left RUNNING and queue their schedules again."""
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped")
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"baseline": trial.user_attrs.get("baseline"),
+                                                               "retry_of": trial.number})
+            self._save(trial.number, trial._trial_id, trial.user_attrs.get("schedule", "?"), "FAIL",
+                       trial.user_attrs.get("baseline"), error="interrupted: the driver stopped; re-queued")
+            self.log(f"trial {trial.number} was left running by a stopped driver: failed, schedule re-queued")
+
+    def _enqueue_baselines(self):
+        if self.study.user_attrs.get("baselines_enqueued") or not self.config.baselines:
+            return
+        for name, schedule in baselines(self.model_config.base_patch).items():
+            params = self.space.params(schedule)
+            if params is None:
+                self.log(f"baseline {name} ({schedule}) is outside the search space; skipped")
+                continue
+            self.study.enqueue_trial(params, user_attrs={"baseline": name})
+        self.study.set_user_attr("baselines_enqueued", True)
+
+    def _save(self, number, trial_id, schedule, state, baseline, result=None, error=None, gmacs=None, **extra):
+        result = result or {}
+        self.store.save(TrialRecord(
+            study_name=self.config.name, trial_number=number, trial_id=trial_id, schedule=str(schedule),
+            state=state, baseline=baseline, gmacs=result.get("gmacs", gmacs),
+            relative_gmacs=result.get("relative_gmacs"), fid=result.get("fid"), fid_std=result.get("fid_std"),
+            fid_details=result.get("fid_details", {}), timings=result.get("timings", {}),
+            checkpoint=result.get("checkpoint"), error=error, worker=result.get("worker"), **extra))
+
+    # -- proposals -------------------------------------------------------------------
+    def _ask(self) -> Proposal:
+        trial = self.study.ask()
+        schedule = self.space.suggest(trial)
+        trial.set_user_attr("schedule", str(schedule))
+        gmacs = sample_cost(self.model_config, schedule, self.sampler_config).gmacs
+        trial.set_user_attr("gmacs", gmacs)
+        return Proposal(trial, schedule, trial.user_attrs.get("baseline"))
+
+    def _over_budget(self, proposal: Proposal) -> bool:
+        gmacs = proposal.trial.user_attrs["gmacs"]
+        if self.config.max_gmacs is None or gmacs <= self.config.max_gmacs:
+            return False
+        proposal.trial.set_user_attr("error", f"over the GMACs budget ({gmacs:.4g} > {self.config.max_gmacs:.4g})")
+        self.study.tell(proposal.trial, state=TrialState.PRUNED)
+        return True
+
+    def _tell_repeat(self, proposal: Proposal, original: optuna.trial.FrozenTrial):
+        """A schedule evaluated before: its numbers again, no training."""
+        proposal.trial.set_user_attr("duplicate_of", original.number)
+        self.study.tell(proposal.trial, original.values)
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self) -> dict:
+        self._recover()
+        self._enqueue_baselines()
+        import ray
+
+        remote, slots = _start_ray(self.config)
+        budget = self.config.n_trials
+        pending: dict = {}  # ray ref -> (proposal, started)
+        waiting: dict[str, list[Proposal]] = {}  # repeats of a running schedule
+        durations, idle, last_log = [], 0, 0.0  # idle: proposals in a row that added nothing
+        started = time.perf_counter()
+        try:
+            while True:
+                done = {t.user_attrs["schedule"]: t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if "duplicate_of" not in t.user_attrs}
+                running = {str(p.schedule) for p, _ in pending.values()}
+                while len(pending) < slots and self._counted() + len(pending) < budget and idle < _MAX_IDLE_PROPOSALS:
+                    proposal = self._ask()
+                    text = str(proposal.schedule)
+                    idle += 1
+                    if text in done:
+                        self._tell_repeat(proposal, done[text])
+                    elif text in running:
+                        waiting.setdefault(text, []).append(proposal)
+                    elif not self._over_budget(proposal):
+                        idle = 0
+                        out_dir = Path(self.config.checkpoint_dir) / self.config.name / f"trial_{proposal.trial.number}"
+                        ref = remote.remote(self.config.trainer, text, str(out_dir))
+                        pending[ref] = (proposal, time.perf_counter())
+                        running.add(text)
+                        self._save(proposal.trial.number, proposal.trial._trial_id, text, "RUNNING",
+                                   proposal.baseline, gmacs=proposal.trial.user_attrs["gmacs"])
+                if not pending:
+                    break
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
+                for ref in ready:
+                    proposal, t0 = pending.pop(ref)
+                    durations.append(time.perf_counter() - t0)
+                    self._finish(proposal, ref, waiting.pop(str(proposal.schedule), []))
+                if ready or time.perf_counter() - last_log > 30:
+                    last_log = time.perf_counter()
+                    self._progress(len(pending), durations, slots, budget)
+        finally:
+            if not self.config.ray.address and not os.environ.get("RAY_ADDRESS"):
+                ray.shutdown()
+        if idle >= _MAX_IDLE_PROPOSALS:
+            self.log(f"the search space is spent: {_MAX_IDLE_PROPOSALS} proposals in a row added no new schedule")
+        return {"trials": self._counted(), "seconds": time.perf_counter() - started,
+                "front": self.store.update_front(self.config.name)}
+
+    def _finish(self, proposal: Proposal, ref, repeats: list[Proposal]):
+        import ray
+
+        trial, text = proposal.trial, str(proposal.schedule)
+        trial.set_user_attr("counted", True)
+        try:
+            result = ray.get(ref)
+        except Exception as err:  # the trial's own error, or its worker's death after the retries
+            message = _error_line(err)
+            trial.set_user_attr("error", message)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._save(trial.number, trial._trial_id, text, "FAIL", proposal.baseline,
+                       gmacs=trial.user_attrs["gmacs"], error=message)
+            self.log(f"trial {trial.number} {text} failed: {message}")
+            for repeat in repeats:  # they would fail alike; their proposals count for nothing
+                self.study.tell(repeat.trial, state=TrialState.FAIL)
+            return
+        for key in ("fid_std", "checkpoint", "timings"):
+            trial.set_user_attr(key, result[key])
+        self.study.tell(trial, [result["gmacs"], result["fid"]])
+        self._save(trial.number, trial._trial_id, text, "COMPLETE", proposal.baseline, result)
+        front = self.store.update_front(self.config.name)
+        self.log(f"trial {trial.number} {text}{f' ({proposal.baseline})' if proposal.baseline else ''}: "
+                 f"FID {result['fid']:.2f} +- {result['fid_std']:.2f}, {result['gmacs']:.4g} GMACs "
+                 f"({100 * result['relative_gmacs']:.0f}% of the base), {result['timings']['total']:.0f} s"
+                 f"{' [front]' if trial.number in front else ''}")
+        original = self.study.get_trials(deepcopy=False)[trial.number]
+        for repeat in repeats:
+            self._tell_repeat(repeat, original)
+
+    def _progress(self, running: int, durations: list[float], slots: int, budget: int):
+        trials = self.study.get_trials(deepcopy=False)
+        complete = sum(1 for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs)
+        failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("counted"))
+        left = budget - self._counted() - running
+        eta = (left + running / 2) * (sum(durations) / len(durations)) / max(1, slots) if durations else float("nan")
+        best = self.store.front(self.config.name)
+        front = ", ".join(f"{r.schedule} {r.fid:.1f}" for r in best.itertuples()) if len(best) else "-"
+        self.log(f"[{self.config.name}] {complete} done, {running} running, {failed} failed of {budget} | "
+                 f"front: {front} | ETA {'?' if math.isnan(eta) else f'{eta / 60:.1f} min'}")
+
+
+def _start_ray(config: StudyConfig):
+    """Connect to (or start) Ray; the remote trial function and how many trials run at once."""
+    import ray
+
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                     configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"cannot reach Ray at {address}: {str(err).splitlines()[0]}") from None
+    resources = ray.cluster_resources()
+    need_cpu, need_gpu = config.ray.num_cpus_per_trial, config.ray.num_gpus_per_trial
+    if need_gpu > resources.get("GPU", 0):
+        if not address:
+            ray.shutdown()
+        raise ConfigError(f"ray.num_gpus_per_trial is {need_gpu:g} but the Ray cluster has "
+                          f"{resources.get('GPU', 0):g} GPUs; set ray.num_gpus_per_trial=0 to run on CPUs")
+    slots = int(resources.get("CPU", 1) // need_cpu) if need_cpu else 1
+    if need_gpu:
+        slots = min(slots, int(resources["GPU"] // need_gpu))
+    slots = max(1, min(slots, config.ray.max_concurrent or slots))
+    # max_calls=0 keeps GPU workers alive between trials, so each loads the base once.
+    remote = ray.remote(max_calls=0)(run_trial).options(num_cpus=need_cpu, num_gpus=need_gpu,
+                                                         max_retries=config.ray.max_retries)
+    return remote, slots

@@ -1,0 +1,120 @@
+"""A throwaway PostgreSQL server for the test session, from the installed server binaries
+(``postgres_url``); ``database_url`` runs a test on a new SQLite file and on a new PostgreSQL
+schema; ``postgres_database`` is a new PostgreSQL database. The application user has a
+password, so tests can check that it never leaks."""
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+USER, PASSWORD = "ppsearch", "pp-secret-7f3a9"
+
+
+def _bindir() -> Path | None:
+    """Where initdb and pg_ctl live: on PATH, from pg_config, or Debian's versioned folder."""
+    if shutil.which("initdb"):
+        return Path(shutil.which("initdb")).resolve().parent
+    if shutil.which("pg_config"):
+        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+        if found and (Path(found) / "initdb").exists():
+            return Path(found)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(found[-1]).parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """``postgresql://USER:PASSWORD@127.0.0.1:PORT/ppsearch`` of a server that lives as long as
+    the test session."""
+    bindir = _bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's postgresql "
+                    "(tests/run.sh does) to run the PostgreSQL tests")
+    server_user, as_server_user = None, []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            server_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the PostgreSQL server as")
+        as_server_user = ["runuser", "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="ppsearch-postgres-"))  # not under pytest's 0700 root-owned tmp
+    if server_user:
+        os.chown(root, server_user.pw_uid, server_user.pw_gid)
+
+    def run(*command):
+        done = subprocess.run([*as_server_user, *command], capture_output=True, text=True)
+        if done.returncode:
+            log = root / "server.log"
+            raise RuntimeError(f"{Path(command[0]).name} failed: {done.stderr.strip()}"
+                               + (f"\nserver log:\n{log.read_text()}" if log.exists() else ""))
+
+    data, port = root / "data", _free_port()
+    try:
+        # Local (socket) logins are trusted, for setting up; TCP logins need the password.
+        run(bindir / "initdb", "-D", data, "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
+            "-E", "UTF8", "--locale=C", "--no-sync")
+        run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off", "start")
+        _execute(f"postgresql://postgres@/postgres?host={root}&port={port}",
+                 f"CREATE USER {USER} PASSWORD '{PASSWORD}' CREATEDB", f"CREATE DATABASE ppsearch OWNER {USER}")
+        yield f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/ppsearch"
+    finally:
+        if (data / "postmaster.pid").exists():
+            run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _execute(url, *statements):
+    # SQLAlchemy picks the driver for postgresql:// URLs, as it does for ppsearch and Optuna.
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE cannot run in a transaction
+    try:
+        with engine.connect() as connection:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+_names = itertools.count()  # of the schemas and databases tests make
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def new_database(request, backend: str, folder: Path) -> str:
+    """A URL of an empty database: a SQLite file in ``folder``, or on the session's server a new
+    schema that the URL puts first on the search path (much faster to make than a database)."""
+    if backend == "sqlite":
+        return f"sqlite:///{folder / 'study.db'}"
+    server = request.getfixturevalue("postgres_url")
+    schema = f"test_{next(_names)}"
+    _execute(server, f"CREATE SCHEMA {schema}")
+    return f"{server}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request, tmp_path):
+    return new_database(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def postgres_database(postgres_url):
+    """The URL of a new, empty PostgreSQL database on the session's server. It has no query
+    part, so it passes as it is in a ``storage=URL`` override on a command line."""
+    name = f"test_db_{next(_names)}"
+    _execute(postgres_url, f"CREATE DATABASE {name}")
+    return f"{postgres_url.rsplit('/', 1)[0]}/{name}"
