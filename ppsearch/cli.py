@@ -140,10 +140,17 @@ def _study_from_args(words: list[str]):
 def cmd_launch(args):
     from .search import Driver
 
+    from . import query
+
     config = _study_from_args(args.overrides)
     summary = Driver(config).run()
+    front = query.front(config)
     print(f"study {config.name}: {summary['trials']} trials in {summary['seconds'] / 60:.1f} min; "
-          f"front: trials {', '.join(map(str, summary['front'])) or '-'}")
+          f"front ({len(front)} trials, GMACs per sample, speed-up over the base):\n{_front_text(front)}")
+    if len(front):
+        trial = query.pick_trial(front, "knee")
+        out = query.export_trial(config, trial=trial)
+        print(f"exported the knee of the front (trial {trial}) to {out}; train it with: ppsearch train {out}")
 
 
 def _front_text(table) -> str:
@@ -215,26 +222,26 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .checkpoint import load_base
+    from .data import load_dataset
     from .evaluate import Evaluator, save_grid
-    from .train import base_path, resolve_device
+    from .train import base_model, build_model, resolve_device
 
     config = _trainer_from_args(args.overrides, "pretrain_tiny")
+    config.base, config.schedule = args.checkpoint or "embedded", args.schedule
     if args.num_samples:
         config.eval.num_samples = args.num_samples
     config.eval.fid.progress = not args.json
     schedule = Schedule.parse(args.schedule)
     device = resolve_device(config.device)
     start = time.perf_counter()
-    evaluator = Evaluator(config.eval, config.data, device)  # checks FID settings before sampling
-    checkpoint = args.checkpoint or str(base_path("embedded"))
-    model = load_base(checkpoint, config.model_name)
-    schedule.check_for(model.config.input_size, model.config.base_patch)
-    untrained = [str(p) for p in schedule.patch_shapes if str(p) not in model.levels]
-    model = model.add_patch_shapes(schedule.patch_shapes).to(device)
+    data = load_dataset(config.data, "train")
+    base = base_model(config, data.shape, data.num_classes)  # a bad checkpoint or data fail here, first
+    untrained = [str(p) for p in schedule.patch_shapes if p not in base.config.patch_shapes]
+    model = build_model(config, data.shape, data.num_classes).to(device)
+    evaluator = Evaluator(config.eval, config.data, device)
     images, sampling_seconds = evaluator.timed_sample(model, schedule)
     result = evaluator.score(model, schedule, images, sampling_seconds)
-    report = {"checkpoint": checkpoint, "untrained_patch_shapes": untrained, **result.to_dict(),
+    report = {"checkpoint": config.base, "untrained_patch_shapes": untrained, **result.to_dict(),
               "wall_seconds": time.perf_counter() - start}
     if args.out:
         out = Path(args.out)
@@ -245,8 +252,8 @@ def cmd_eval(args):
         print(json.dumps(report, indent=2))
         return
     fid = result.fid
-    print(f"{schedule}: FID {fid.fid:.2f} +- {fid.fid_std:.2f} ({fid.num_samples} samples, extractor {fid.extractor} "
-          f"[{fid.extractor_weights}], reference {fid.reference_key})")
+    print(f"{schedule}: FID {fid.fid:.2f} +- {fid.fid_std or 0:.2f} ({fid.num_samples} samples, extractor "
+          f"{fid.extractor} [{fid.extractor_weights}], reference {fid.reference_key})")
     print(f"  {result.gmacs:.4f} GMACs per sample ({100 * result.relative_gmacs:.1f}% of the base), "
           f"{result.sampler['solver']} {result.sampler['steps']} steps, cfg {result.sampler['guidance']}; "
           f"sampling {result.sampling_seconds:.1f} s, FID {result.fid_seconds:.1f} s, total {report['wall_seconds']:.1f} s"

@@ -106,6 +106,9 @@ class StudyConfig:
     baselines: bool = True  # enqueue the base, PPF-2 and PPF-3 first
     checkpoint_dir: str = "runs/checkpoints"
     export_dir: str = "exports"
+    # What a worker runs for one trial: f(trainer, schedule_text, out_dir) -> result dict.
+    # Benchmarks and tests of the orchestration put a stand-in here.
+    trial_function: str = "ppsearch.trial:run_trial"
     ray: RayConfig = field(default_factory=RayConfig)
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -4,6 +4,7 @@ next ``launch`` of the same study fails the trials it left RUNNING, queues their
 again and goes on until the trial budget is spent."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -25,7 +26,6 @@ from .schedule import Schedule
 from .space import SearchSpace, baselines
 from .store import Store, TrialRecord
 from .train import base_model
-from .trial import run_trial
 
 # Settings that decide what a trial's numbers mean: a study cannot change them on resume.
 _FIXED = ("search_space", "trainer")
@@ -75,7 +75,12 @@ class Driver:
                                  trainer.eval.guidance)
         self.sampler_config = SamplerConfig(steps=trainer.eval.steps, solver=trainer.eval.solver,
                                             guidance=trainer.eval.guidance)
+        most = max(config.search_space.stage_counts)
+        if trainer.eval.steps < most:
+            raise ConfigError(f"trainer.eval.steps is {trainer.eval.steps}, fewer than the {most} stages a schedule "
+                              f"may have (each stage needs a solver step)")
         trainer.eval.fid.check()  # a missing Inception file fails now, not in every worker
+        self.trial_function = _trial_function(config.trial_function)
         self.store = Store(config.storage)
         self.study = optuna.create_study(
             study_name=config.name, storage=config.storage, directions=["minimize", "minimize"],
@@ -157,7 +162,7 @@ class Driver:
         self._enqueue_baselines()
         import ray
 
-        remote, slots = _start_ray(self.config)
+        remote, slots = _start_ray(self.config, self.trial_function)
         budget = self.config.n_trials
         pending: dict = {}  # ray ref -> (proposal, started)
         waiting: dict[str, list[Proposal]] = {}  # repeats of a running schedule
@@ -244,7 +249,15 @@ class Driver:
                  f"front: {front} | ETA {'?' if math.isnan(eta) else f'{eta / 60:.1f} min'}")
 
 
-def _start_ray(config: StudyConfig):
+def _trial_function(path: str):
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"trial_function {path!r} is not an importable module:function") from None
+
+
+def _start_ray(config: StudyConfig, function):
     """Connect to (or start) Ray; the remote trial function and how many trials run at once."""
     import ray
 
@@ -269,6 +282,6 @@ def _start_ray(config: StudyConfig):
         slots = min(slots, int(resources["GPU"] // need_gpu))
     slots = max(1, min(slots, config.ray.max_concurrent or slots))
     # max_calls=0 keeps GPU workers alive between trials, so each loads the base once.
-    remote = ray.remote(max_calls=0)(run_trial).options(num_cpus=need_cpu, num_gpus=need_gpu,
+    remote = ray.remote(max_calls=0)(function).options(num_cpus=need_cpu, num_gpus=need_gpu,
                                                          max_retries=config.ray.max_retries)
     return remote, slots

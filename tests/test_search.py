@@ -15,9 +15,9 @@ from ppsearch.store import Store, non_dominated
 
 pytestmark = pytest.mark.slow
 
-# Trials as small as still meaningful: 2 fine-tune steps, 40 samples with 2 solver steps.
+# Trials as small as still meaningful: 2 fine-tune steps, 40 samples with 3 solver steps.
 FAST = ["trainer.steps=2", "trainer.batch_size=8", "trainer.eval.num_samples=40", "trainer.eval.batch_size=40",
-        "trainer.eval.steps=2", "trainer.eval.fid.num_splits=2"]
+        "trainer.eval.steps=3", "trainer.eval.fid.num_splits=2"]
 
 
 def _launch_args(storage, tmp_path, *extra):
@@ -139,8 +139,8 @@ def test_a_killed_worker_retries_its_trial(tmp_path):
 
 def test_a_trial_that_raises_fails_alone_and_the_study_goes_on(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    # lr = nan: the first step's update makes the weights NaN, the second step's loss is NaN.
-    _run(_launch_args(storage, tmp_path, "n_trials=3", "trainer.lr=nan", "ray.max_retries=0"), tmp_path)
+    # lr = 1e30: the first step throws the weights to ~1e30, the second step's loss is not finite.
+    _run(_launch_args(storage, tmp_path, "n_trials=3", "trainer.lr=1e30", "ray.max_retries=0"), tmp_path)
     trials = _trials(storage)
     assert list(trials.state) == ["FAIL"] * 3
     assert all("NonFiniteLoss: non-finite training loss" in e for e in trials.error)
@@ -156,6 +156,7 @@ def test_a_trial_that_raises_fails_alone_and_the_study_goes_on(tmp_path):
     (["search_space.patch_shapes=[3x3,2x2]"], "does not divide"),
     (["ray.num_gpus_per_trial=1"], "GPUs"),
     (["sampler=bayes"], "unknown sampler"),
+    (["trainer.eval.steps=2"], "fewer than the 3 stages"),
     (["storage=postgresql://ppsearch:secret@127.0.0.1:1/none"], "cannot reach database"),
     (["trainer.base=/nonexistent/base.pt"], "not found"),
 ])
