@@ -19,7 +19,10 @@ def resolve_model(name_or_path: str, with_weights: bool, input_size: int | None 
     are needed; ``input_size`` sets its latent side) or from a checkpoint file."""
     from .checkpoint import load_base
     from .models import PPFlow_models
+    from .train import base_path
 
+    if name_or_path == "embedded":
+        return load_base(base_path(name_or_path))
     if name_or_path in PPFlow_models:
         sizes = {"input_size": input_size} if input_size else {}
         if with_weights:
@@ -28,7 +31,7 @@ def resolve_model(name_or_path: str, with_weights: bool, input_size: int | None 
             return PPFlow_models[name_or_path](**sizes)
     if Path(name_or_path).suffix in (".pt", ".pth", ".safetensors") or Path(name_or_path).exists():
         return load_base(name_or_path)
-    raise ValueError(f"unknown model {name_or_path!r}: a checkpoint path or one of {', '.join(PPFlow_models)}")
+    raise ValueError(f"unknown model {name_or_path!r}: a checkpoint path, embedded, or one of {', '.join(PPFlow_models)}")
 
 
 def _model_args(parser, help):
