@@ -167,3 +167,21 @@ def test_user_mistakes_are_one_line(tmp_path, extra, message):
     err = result.stderr.strip().splitlines()
     assert result.returncode == 2 and message in err[-1] and "Traceback" not in result.stderr, result.stderr
     assert "secret" not in result.stderr + result.stdout
+
+
+def test_proposals_over_the_gmacs_budget_never_reach_a_worker(tmp_path):
+    from ppsearch.flops import sample_cost
+    from ppsearch.flow import SamplerConfig
+    from ppsearch.models import PPFlowConfig
+    from ppsearch.schedule import Schedule
+
+    config = PPFlowConfig(input_size=(16, 16), in_channels=1, hidden_size=96, depth=6, num_heads=4, num_classes=10)
+    budget = sample_cost(config, Schedule.parse("4x4@0.5,2x2"), SamplerConfig(steps=3)).gmacs  # PPF-2 fits, base not
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    _run(_launch_args(storage, tmp_path, "n_trials=3", f"max_gmacs={budget}"), tmp_path)
+    trials = _trials(storage)
+    assert len(trials) == 3 and (trials.gmacs <= budget + 1e-12).all() and "base" not in set(trials.baseline)
+    study = optuna.load_study(study_name="toy", storage=storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all("over the GMACs budget" in t.user_attrs["error"] for t in pruned)
+    assert any(t.user_attrs.get("baseline") == "base" for t in pruned)

@@ -1,0 +1,70 @@
+"""The embedded default's budgets: scoring one schedule with 1,000 samples end to end (load the
+base, sample, FID) in under 60 s, and pretraining the tiny base in under 15 minutes, both on
+the machine this runs on. Pretraining is timed over its first steps and projected to the
+recipe's length (the rate is flat after the first steps).
+
+    python bench/embedded.py            # full: 1,000 samples, 200 pretraining steps timed
+    python bench/embedded.py --quick    # CI: checks the script, not the budgets
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from ppsearch.config import load_trainer
+from ppsearch.data import load_dataset
+from ppsearch.evaluate import Evaluator
+from ppsearch.schedule import Schedule
+from ppsearch.train import build_model, train
+
+EVAL_BUDGET_S = 60.0
+PRETRAIN_BUDGET_S = 15 * 60.0
+
+
+def time_eval(schedule: str, num_samples: int, cache_dir: str) -> float:
+    """Seconds to score ``schedule`` from scratch: base, evaluator (reference stats), samples, FID."""
+    start = time.perf_counter()
+    config = load_trainer("toy", [f"schedule={schedule}", f"eval.num_samples={num_samples}",
+                                  f"eval.fid.cache_dir={cache_dir}"])
+    data = load_dataset(config.data, "train")
+    model = build_model(config, data.shape, data.num_classes)
+    result = Evaluator(config.eval, config.data, torch.device("cpu"))(model, Schedule.parse(schedule))
+    print(f"  {schedule}: FID {result.fid.fid:.2f} +- {result.fid.fid_std:.2f} ({num_samples} samples)")
+    return time.perf_counter() - start
+
+
+def time_pretraining(steps: int, out_dir: str) -> tuple[float, int]:
+    """(projected seconds of the whole pretrain_tiny recipe, its steps) from ``steps`` timed steps."""
+    recipe = load_trainer("pretrain_tiny")
+    warm = load_trainer("pretrain_tiny", ["steps=5", "progress=false", f"out_dir={out_dir}", "checkpoint_every=0"])
+    train(warm)  # data, model, first steps: not representative
+    timed = load_trainer("pretrain_tiny", [f"steps={5 + steps}", "progress=false", f"out_dir={out_dir}",
+                                           "checkpoint_every=0"])
+    result = train(timed)
+    return recipe.steps / result.steps_per_second, recipe.steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--pretrain-steps", type=int, default=200, help="steps timed to project the recipe")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.pretrain_steps = 100, 5
+    print(f"CPU threads: {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        eval_s = time_eval("2x2", args.num_samples, f"{tmp}/fid")
+        pretrain_s, recipe_steps = time_pretraining(args.pretrain_steps, f"{tmp}/pretrain")
+    print(f"scoring 2x2 with {args.num_samples} samples: {eval_s:.1f} s (budget {EVAL_BUDGET_S:.0f} s)")
+    print(f"pretraining ({recipe_steps} steps, projected from {args.pretrain_steps}): {pretrain_s / 60:.1f} min "
+          f"(budget {PRETRAIN_BUDGET_S / 60:.0f} min)")
+    print(f"result: eval {eval_s / EVAL_BUDGET_S:.2f} of its budget, pretraining {pretrain_s / PRETRAIN_BUDGET_S:.2f} "
+          f"of its budget")
+
+
+if __name__ == "__main__":
+    main()
