@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU figures on one CUDA device: the speed-switch checks, then sampling speed against the
-# FLOPs limit at XL size. Writes its tables to ${OUT:-bench/results}/gpu.txt.
+# GPU figures on one CUDA device: the speed-switch checks, then sampling and fine-tune step
+# speed against the FLOPs limit at XL size (under 5 minutes on one H100). Writes its tables to
+# ${OUT:-bench/results}/gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -15,4 +16,6 @@ py=${PYTHON:-python3}
     $py bench/sampling.py --device cuda --model XL/2 --batch "$batch" --steps 10 --repeats 5 --bf16
     $py bench/sampling.py --device cuda --model XL/2 --batch "$batch" --steps 10 --repeats 5 --bf16 --cuda-graphs
   done
+  # Fine-tune steps; one run for all batches shares the model build (under a minute).
+  $py bench/training.py --device cuda --model XL/2 --batch 32 128 256 --bf16 --repeats 5
 } 2>&1 | tee "$out/gpu.txt"

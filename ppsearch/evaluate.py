@@ -46,19 +46,21 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig, data: DataConfig, device: torch.device):
         self.config, self.device = config, torch.device(device)
-        reference = load_dataset(data, "reference")
         self.vae = None
         if data.name == "latents":
             from .latents import decode_latents, load_vae
 
-            self.vae = load_vae(reference.meta["vae"], self.device)
-            self._decode = lambda z: decode_latents(self.vae, z, reference.scale_factor, reference.shift_factor)
-            images = reference.reference_images(config.num_samples, seed=config.seed)  # uint8, as FID takes them
-            key = f"{data.name}-{reference.meta['files_sha256'][:12]}"
+            # Real images, drawn from the folder the latents were made from, are the reference.
+            latents = load_dataset(data, "train")
+            self.vae = load_vae(latents.meta["vae"], self.device)
+            self._decode = lambda z: decode_latents(self.vae, z, latents.scale_factor, latents.shift_factor)
+            images = latents.reference_images(config.num_samples, seed=config.seed)  # uint8, as FID takes them
+            key, dataset = f"{data.name}-{latents.meta['files_sha256'][:12]}", latents
         else:
-            images, key = reference, f"{data.name}-reference-{data.resolution}"
+            images = dataset = load_dataset(data, "reference")
+            key = f"{data.name}-reference-{data.resolution}"
         self.fid = FID(config.fid, images, key)
-        self.shape, self.num_classes = reference.shape, reference.num_classes
+        self.shape, self.num_classes = dataset.shape, dataset.num_classes
         self.noise = fixed_noise(config.num_samples, self.shape, config.seed)
         self.labels = fixed_labels(config.num_samples, self.num_classes, config.seed)
 

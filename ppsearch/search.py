@@ -24,7 +24,7 @@ from .flow import SamplerConfig
 from .query import CONFIG_ATTR
 from .schedule import Schedule
 from .space import SearchSpace, baselines
-from .store import Store, TrialRecord
+from .store import Store, TrialRecord, hidden_password
 from .train import base_model
 
 # Settings that decide what a trial's numbers mean: a study cannot change them on resume.
@@ -85,6 +85,8 @@ class Driver:
         self.study = optuna.create_study(
             study_name=config.name, storage=config.storage, directions=["minimize", "minimize"],
             sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
+        # Seeded by the trials so far: a resumed study must not replay its earlier launches' proposals.
+        self.study.sampler = make_sampler(config.sampler, config.seed + len(self.study.get_trials(deepcopy=False)))
         self.study.set_metric_names(["gmacs", "fid"])
         self._check_settings()
 
@@ -92,6 +94,7 @@ class Driver:
     def _check_settings(self):
         stored = self.study.user_attrs.get(CONFIG_ATTR)
         current = json.loads(json.dumps(asdict(self.config)))
+        current["storage"] = hidden_password(self.config.storage)  # the database keeps no password
         if stored:
             changed = [k for k in _FIXED if stored.get(k) != current[k]]
             if changed:
@@ -168,12 +171,16 @@ class Driver:
         waiting: dict[str, list[Proposal]] = {}  # repeats of a running schedule
         durations, idle, last_log = [], 0, 0.0  # idle: proposals in a row that added nothing
         started = time.perf_counter()
+        # Kept up to date here rather than read from the study at each step: a study scan costs
+        # O(trials), and this loop would run several per trial.
+        trials = self.study.get_trials(deepcopy=False)
+        counted = sum(1 for t in trials if t.user_attrs.get("counted"))
+        done = {t.user_attrs["schedule"]: t for t in trials
+                if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs}
         try:
             while True:
-                done = {t.user_attrs["schedule"]: t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                        if "duplicate_of" not in t.user_attrs}
                 running = {str(p.schedule) for p, _ in pending.values()}
-                while len(pending) < slots and self._counted() + len(pending) < budget and idle < _MAX_IDLE_PROPOSALS:
+                while len(pending) < slots and counted + len(pending) < budget and idle < _MAX_IDLE_PROPOSALS:
                     proposal = self._ask()
                     text = str(proposal.schedule)
                     idle += 1
@@ -195,8 +202,11 @@ class Driver:
                 for ref in ready:
                     proposal, t0 = pending.pop(ref)
                     durations.append(time.perf_counter() - t0)
-                    self._finish(proposal, ref, waiting.pop(str(proposal.schedule), []))
-                if ready or time.perf_counter() - last_log > 30:
+                    counted += 1
+                    finished = self._finish(proposal, ref, waiting.pop(str(proposal.schedule), []))
+                    if finished:
+                        done[str(proposal.schedule)] = finished
+                if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
                     self._progress(len(pending), durations, slots, budget)
         finally:
@@ -207,7 +217,8 @@ class Driver:
         return {"trials": self._counted(), "seconds": time.perf_counter() - started,
                 "front": self.store.update_front(self.config.name)}
 
-    def _finish(self, proposal: Proposal, ref, repeats: list[Proposal]):
+    def _finish(self, proposal: Proposal, ref, repeats: list[Proposal]) -> optuna.trial.FrozenTrial | None:
+        """Tell the trial's result (and its repeats'); the finished trial when COMPLETE."""
         import ray
 
         trial, text = proposal.trial, str(proposal.schedule)
@@ -217,25 +228,29 @@ class Driver:
         except Exception as err:  # the trial's own error, or its worker's death after the retries
             message = _error_line(err)
             trial.set_user_attr("error", message)
-            self.study.tell(trial, state=TrialState.FAIL)
+            # ppsearch's row first: a driver killed in between leaves an Optuna RUNNING trial,
+            # which the next launch recovers; the other order could leave a RUNNING row for ever.
             self._save(trial.number, trial._trial_id, text, "FAIL", proposal.baseline,
                        gmacs=trial.user_attrs["gmacs"], error=message)
+            self.study.tell(trial, state=TrialState.FAIL)
             self.log(f"trial {trial.number} {text} failed: {message}")
             for repeat in repeats:  # they would fail alike; their proposals count for nothing
+                repeat.trial.set_user_attr("error", f"repeat of trial {trial.number}, which failed: {message}")
                 self.study.tell(repeat.trial, state=TrialState.FAIL)
-            return
+            return None
         for key in ("fid_std", "checkpoint", "timings"):
             trial.set_user_attr(key, result[key])
-        self.study.tell(trial, [result["gmacs"], result["fid"]])
         self._save(trial.number, trial._trial_id, text, "COMPLETE", proposal.baseline, result)
+        self.study.tell(trial, [result["gmacs"], result["fid"]])
         front = self.store.update_front(self.config.name)
         self.log(f"trial {trial.number} {text}{f' ({proposal.baseline})' if proposal.baseline else ''}: "
                  f"FID {result['fid']:.2f} +- {result['fid_std']:.2f}, {result['gmacs']:.4g} GMACs "
                  f"({100 * result['relative_gmacs']:.0f}% of the base), {result['timings']['total']:.0f} s"
                  f"{' [front]' if trial.number in front else ''}")
-        original = self.study.get_trials(deepcopy=False)[trial.number]
+        original = self.study._storage.get_trial(trial._trial_id)
         for repeat in repeats:
             self._tell_repeat(repeat, original)
+        return original
 
     def _progress(self, running: int, durations: list[float], slots: int, budget: int):
         trials = self.study.get_trials(deepcopy=False)

@@ -1,7 +1,8 @@
-"""A throwaway PostgreSQL server for the test session, from the installed server binaries
-(``postgres_url``); ``database_url`` runs a test on a new SQLite file and on a new PostgreSQL
-schema; ``postgres_database`` is a new PostgreSQL database. The application user has a
-password, so tests can check that it never leaks."""
+"""A throwaway PostgreSQL server from the installed server binaries: ``postgres_server()`` for
+any script (bench/orchestration.py uses it), ``postgres_url`` for the test session;
+``database_url`` runs a test on a new SQLite file and on a new PostgreSQL schema;
+``postgres_database`` is a new PostgreSQL database. The application user has a password, so
+tests can check that it never leaks."""
 from __future__ import annotations
 
 import glob
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,20 +40,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """``postgresql://USER:PASSWORD@127.0.0.1:PORT/ppsearch`` of a server that lives as long as
-    the test session."""
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL server can be started on this machine; the message says why."""
+
+
+@contextmanager
+def postgres_server():
+    """``postgresql://USER:PASSWORD@127.0.0.1:PORT/ppsearch`` of a new server, stopped and
+    deleted on exit."""
     bindir = _bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's postgresql "
-                    "(tests/run.sh does) to run the PostgreSQL tests")
+        raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's "
+                                  "postgresql (tests/run.sh does) to run the PostgreSQL tests")
     server_user, as_server_user = None, []
     if os.geteuid() == 0:  # initdb refuses to run as root
         try:
             server_user = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the PostgreSQL server as")
+            raise PostgresUnavailable("running as root and there is no 'postgres' user to run the "
+                                      "PostgreSQL server as") from None
         as_server_user = ["runuser", "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="ppsearch-postgres-"))  # not under pytest's 0700 root-owned tmp
     if server_user:
@@ -78,6 +85,16 @@ def postgres_url():
         if (data / "postmaster.pid").exists():
             run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a server (``postgres_server``) that lives as long as the test session."""
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as err:
+        pytest.skip(str(err))
 
 
 def _execute(url, *statements):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -185,3 +186,15 @@ def test_proposals_over_the_gmacs_budget_never_reach_a_worker(tmp_path):
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and all("over the GMACs budget" in t.user_attrs["error"] for t in pruned)
     assert any(t.user_attrs.get("baseline") == "base" for t in pruned)
+
+
+def test_a_resumed_study_with_a_larger_budget_proposes_new_schedules(tmp_path, monkeypatch):
+    """A seeded sampler must not replay the first launch's proposals (they would all be repeats)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent / "bench"))
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = _launch_args(storage, tmp_path, "sampler=random", "trial_function=standin:standin_trial")
+    _run([*args, "n_trials=6"], tmp_path)
+    first = set(_trials(storage).schedule)
+    _run([*args, "n_trials=12"], tmp_path)
+    trials = _trials(storage)
+    assert len(trials) == 12 and set(trials.state) == {"COMPLETE"} and len(set(trials.schedule) - first) == 6

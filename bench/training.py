@@ -1,0 +1,117 @@
+"""Fine-tune step time of PPFlow variants against their training-FLOPs ratio, side by side.
+
+For each schedule: one optimiser step of ``ppsearch.flow.train_step`` whose batch mixes stages
+(t ~ U[0, 1) routes each sample to its stage's patch shape) against a step of the base schedule
+(one stage at the base patch), with the analytic ratio ``train_step_macs`` of the two;
+efficiency = speed-up x FLOPs ratio, the fraction of the FLOPs saving that became time. The
+variant runs both ways a mixed batch can: one pass per patch shape (grouped, the default) and
+packed sequences (``packed=True``); "packed/grouped" is their time ratio (below 1: packing
+wins). Runs are interleaved (base, grouped, packed, base, ...), both variant paths draw the
+same times at each repeat, and medians are taken.
+
+    python bench/training.py --model S/2 --batch 8                        # CPU
+    python bench/training.py --device cuda --model XL/2 --batch 32 128 256 --bf16
+    python bench/training.py --quick                                      # CI: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ppsearch.cli import resolve_model
+from ppsearch.flops import train_step_macs
+from ppsearch.flow import train_step
+from ppsearch.models import ppflow_variant
+from ppsearch.schedule import Schedule
+from sampling import PAPER_SCHEDULES
+
+
+def time_step(model, optimizer, x1, y, schedule, packed, args, seed) -> float:
+    """Seconds of one training step; ``seed`` fixes the step's times (and so its routing). No
+    explicit synchronisation: train_step returns ``loss.item()``, which waits for the step."""
+    generator = torch.Generator(x1.device).manual_seed(seed)
+    start = time.perf_counter()
+    train_step(model, optimizer, x1, y, schedule, generator, packed=packed, bf16=args.bf16, grad_clip=args.grad_clip)
+    return time.perf_counter() - start
+
+
+def measure(model, optimizer, batch, base_schedule, schedule, args, device):
+    """Median seconds of the base, grouped and packed steps, interleaved, after a warm-up."""
+    config = model.config
+    x1 = torch.randn((batch, config.in_channels, *config.input_size), device=device)
+    y = (torch.arange(batch) % config.num_classes).to(device)
+    runs = [(base_schedule, False), (schedule, False), (schedule, True)]
+    times = [[] for _ in runs]
+    for repeat in range(-args.warmup, args.repeats):
+        for (run_schedule, packed), seconds in zip(runs, times):
+            elapsed = time_step(model, optimizer, x1, y, run_schedule, packed, args, seed=repeat)
+            if repeat >= 0:
+                seconds.append(elapsed)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def run(args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = resolve_model(args.model, with_weights=True, input_size=args.input_size)
+    schedules = [Schedule.parse(s) for s in args.schedules]
+    base_schedule = Schedule.from_stages([base.config.base_patch])
+    patches = {p for s in schedules for p in s.patch_shapes}
+    model = ppflow_variant(base, sorted(patches, key=str)).to(device)
+    config = model.config
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"model {args.model}, latent {config.in_channels}x{config.input_size[0]}x{config.input_size[1]}, "
+          f"AdamW, grad clip {args.grad_clip}, bf16 {args.bf16}, median of {args.repeats}")
+    print(f"{'batch':>5} {'schedule':<24} {'base s':>8} {'variant s':>9} {'packed s':>8} {'speed-up':>8} "
+          f"{'FLOPs ratio':>11} {'efficiency':>10} {'packed/grouped':>14}")
+    rows, results = [], []
+    for batch in args.batch:
+        base_macs = train_step_macs(config, base_schedule, batch)
+        for schedule in schedules:
+            try:
+                times = measure(model, optimizer, batch, base_schedule, schedule, args, device)
+            except torch.OutOfMemoryError:  # a batch too large for one device is a finding, not a crash
+                times = None
+            if times is None:  # out of the except block, so the failed step's tensors are freed
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"{batch:>5} {str(schedule):<24} out of memory")
+                results.append(f"batch {batch} {schedule}: out of memory")
+                continue
+            base_s, grouped_s, packed_s = times
+            speedup = base_s / grouped_s
+            ratio = train_step_macs(config, schedule, batch) / base_macs
+            rows.append((batch, str(schedule), speedup, ratio, speedup * ratio, packed_s / grouped_s))
+            print(f"{batch:>5} {str(schedule):<24} {base_s:>8.3f} {grouped_s:>9.3f} {packed_s:>8.3f} {speedup:>8.2f} "
+                  f"{ratio:>11.3f} {speedup * ratio:>10.2f} {packed_s / grouped_s:>14.2f}")
+            results.append(f"batch {batch} {schedule}: speed-up {speedup:.2f}x vs FLOPs limit {1 / ratio:.2f}x "
+                           f"(efficiency {speedup * ratio:.2f}), packed/grouped {packed_s / grouped_s:.2f}")
+    print("result: " + ", ".join(results))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="S/2", help="size from the model table (random weights) or checkpoint")
+    parser.add_argument("--schedules", nargs="+", default=PAPER_SCHEDULES)
+    parser.add_argument("--input-size", type=int, help="latent side for a table model (default 32: 256 px)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the speed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.input_size, args.batch, args.repeats, args.warmup = 16, [4], 1, 1
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

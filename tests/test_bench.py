@@ -1,0 +1,34 @@
+"""The benchmarks' --quick modes, as CI runs them: each script works and prints its result line
+last. Their timings are not checked (bench/ measures, tests do not)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _quick(script: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_training_benchmark():
+    assert _quick("training.py").startswith("result: batch 4 4x4@0.5,2x2: speed-up ")
+
+
+def test_orchestration_benchmark(postgres_url):  # the fixture skips where no PostgreSQL server can start
+    last = _quick("orchestration.py")
+    assert last.startswith("result: scaling efficiency ") and last.endswith("all 10 checks passed")
+
+
+def test_sampling_benchmark():
+    assert _quick("sampling.py").startswith("result: 4x4@0.5,2x2: speed-up ")
+
+
+def test_embedded_budgets_benchmark():
+    assert _quick("embedded.py").startswith("result: eval ")
