@@ -1,26 +1,27 @@
 """ppsearch: search PPFlow patch schedules for a pretrained DiT/SiT.
 
-The public surface; everything else is an implementation detail of the command.
+The public surface. Names load on first use, so ``import ppsearch.models`` stays light (no
+Optuna, SQLAlchemy or pandas) on a bare GPU node and the command starts fast.
 """
-from .checkpoint import CheckpointError, load_base, save_model
-from .config import StudyConfig, TrainerConfig, load_study, load_trainer
-from .data import DataConfig, load_dataset
-from .fid import FID, FIDConfig, FIDResult
-from .flops import forward_macs, relative_cost, sample_cost, train_step_macs
-from .flow import SamplerConfig, flow_loss, sample, train_step
-from .models import PPFlow_models, PPFlowConfig, PPFlowDiT, ppflow_variant
-from .query import QueryError, export_trial, front, pick_trial, trials
-from .schedule import PatchShape, Schedule, ScheduleError, Stage
-from .store import Store, StoreError, TrialRecord
+import importlib
 
-__all__ = [
-    "CheckpointError", "load_base", "save_model",
-    "StudyConfig", "TrainerConfig", "load_study", "load_trainer",
-    "DataConfig", "load_dataset", "FID", "FIDConfig", "FIDResult",
-    "forward_macs", "relative_cost", "sample_cost", "train_step_macs",
-    "SamplerConfig", "flow_loss", "sample", "train_step",
-    "PPFlow_models", "PPFlowConfig", "PPFlowDiT", "ppflow_variant",
-    "QueryError", "export_trial", "front", "pick_trial", "trials",
-    "PatchShape", "Schedule", "ScheduleError", "Stage",
-    "Store", "StoreError", "TrialRecord",
-]
+_EXPORTS = {
+    "checkpoint": ["CheckpointError", "load_base", "save_model"],
+    "config": ["StudyConfig", "TrainerConfig", "load_study", "load_trainer"],
+    "data": ["DataConfig", "load_dataset"],
+    "fid": ["FID", "FIDConfig", "FIDResult"],
+    "flops": ["forward_macs", "relative_cost", "sample_cost", "train_step_macs"],
+    "flow": ["SamplerConfig", "flow_loss", "sample", "train_step"],
+    "models": ["PPFlow_models", "PPFlowConfig", "PPFlowDiT", "ppflow_variant"],
+    "query": ["QueryError", "export_trial", "front", "pick_trial", "trials"],
+    "schedule": ["PatchShape", "Schedule", "ScheduleError", "Stage"],
+    "store": ["Store", "StoreError", "TrialRecord"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'ppsearch' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

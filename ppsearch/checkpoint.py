@@ -15,6 +15,14 @@ from .models import PPFlowConfig, PPFlowDiT
 from .schedule import PatchShape
 
 
+EMBEDDED_BASE = Path(__file__).parent / "assets" / "tiny_base.safetensors"
+
+
+def base_path(base: str) -> Path:
+    """The checkpoint a ``base`` setting names: a path, or "embedded" for the shipped tiny base."""
+    return EMBEDDED_BASE if base == "embedded" else Path(base)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used as a base, with the reason."""
 

@@ -17,9 +17,8 @@ from .schedule import Schedule
 def resolve_model(name_or_path: str, with_weights: bool, input_size: int | None = None):
     """A model from the size table (random weights, on the meta device when only its sizes
     are needed; ``input_size`` sets its latent side) or from a checkpoint file."""
-    from .checkpoint import load_base
+    from .checkpoint import base_path, load_base
     from .models import PPFlow_models
-    from .train import base_path
 
     if name_or_path == "embedded":
         return load_base(base_path(name_or_path))

@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_base, save_model
+from .checkpoint import CheckpointError, base_path, load_base, save_model
 from .config import TrainerConfig
 from .data import load_dataset
 from .flow import train_step, update_ema
 from .models import PPFlow_models, PPFlowDiT
 from .schedule import Schedule
 
-EMBEDDED_BASE = Path(__file__).parent / "assets" / "tiny_base.safetensors"
 
 
 class TrainError(ValueError):
@@ -33,11 +32,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device {name!r} asked for, but this machine has no CUDA device")
     return torch.device(name)
-
-
-def base_path(base: str) -> Path:
-    """The checkpoint a ``base`` setting names: a path, or "embedded" for the shipped tiny base."""
-    return EMBEDDED_BASE if base == "embedded" else Path(base)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,7 +9,8 @@ from ppsearch.data import DataConfig
 from ppsearch.evaluate import Evaluator, fixed_labels
 from ppsearch.fid import FIDConfig, INCEPTION_WEIGHTS_FILE
 from ppsearch.schedule import Schedule
-from ppsearch.train import EMBEDDED_BASE, train
+from ppsearch.checkpoint import EMBEDDED_BASE
+from ppsearch.train import train
 
 SMALL = ["eval.steps=2", "eval.batch_size=100"]
 

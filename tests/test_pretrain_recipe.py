@@ -7,7 +7,8 @@ from ppsearch.checkpoint import load_base
 from ppsearch.config import load_trainer
 from ppsearch.evaluate import Evaluator
 from ppsearch.schedule import Schedule
-from ppsearch.train import EMBEDDED_BASE, train
+from ppsearch.checkpoint import EMBEDDED_BASE
+from ppsearch.train import train
 
 pytestmark = pytest.mark.slow
 
