@@ -367,7 +367,7 @@ class PPFlowDiT(nn.Module):
         return out
 
     def _forward_packed(self, x, c, groups):
-        tokens, conds, lengths, owners = [], [], [], []
+        tokens, conds, lengths = [], [], []
         for level, index in groups:
             cs = c[index] + level.level_embed
             h = level.embed(x[index])
@@ -380,7 +380,7 @@ class PPFlowDiT(nn.Module):
         rows = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])[packing.gather]
         rows = self._run_blocks(rows, conds, packing.attn_mask, packing.token_sample)
         flat = rows.reshape(-1, rows.shape[-1])[packing.scatter]
-        out, start, first = None, 0, 0
+        out, start = None, 0
         for (level, index), cs in zip(groups, conds.split([len(i) for _, i in groups])):
             n, count = len(index), len(index) * level.grid[0] * level.grid[1]
             h = flat[start:start + count].view(n, -1, flat.shape[-1])
