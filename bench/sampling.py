@@ -81,22 +81,29 @@ def run(args):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="S/2", help="size from the model table (random weights) or checkpoint")
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: which model and schedules, how to time, where."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="S/2", help="size from the model table (random weights), "
+                                                       "embedded, or a checkpoint")
     parser.add_argument("--schedules", nargs="+", default=PAPER_SCHEDULES)
     parser.add_argument("--input-size", type=int, help="latent side for a table model (default 32: 256 px)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--solver", default="euler", choices=["euler", "heun"])
-    parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the speed")
+    return parser
+
+
+def main(argv=None):
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--solver", default="euler", choices=["euler", "heun"])
+    parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the speed")
     args = parser.parse_args(argv)
     if args.quick:
         args.input_size, args.batch, args.steps, args.repeats, args.warmup = 16, 2, 4, 1, 1

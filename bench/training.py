@@ -15,7 +15,6 @@ same times at each repeat, and medians are taken.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -26,7 +25,7 @@ from ppsearch.flops import train_step_macs
 from ppsearch.flow import train_step
 from ppsearch.models import ppflow_variant
 from ppsearch.schedule import Schedule
-from sampling import PAPER_SCHEDULES
+from sampling import common_arguments
 
 
 def time_step(model, optimizer, x1, y, schedule, packed, args, seed) -> float:
@@ -95,18 +94,10 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="S/2", help="size from the model table (random weights) or checkpoint")
-    parser.add_argument("--schedules", nargs="+", default=PAPER_SCHEDULES)
-    parser.add_argument("--input-size", type=int, help="latent side for a table model (default 32: 256 px)")
+    parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the speed")
     args = parser.parse_args(argv)
     if args.quick:
         args.input_size, args.batch, args.repeats, args.warmup = 16, [4], 1, 1
