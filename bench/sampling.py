@@ -43,14 +43,24 @@ def time_sampling(model, schedule, noise, y, config, repeats, device):
     return times
 
 
-def run(args):
+def benchmark_model(args):
+    """(device, variant with every schedule's patch shapes, schedules, base schedule) for ``args``."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = resolve_model(args.model, with_weights=True, input_size=args.input_size)
     schedules = [Schedule.parse(s) for s in args.schedules]
-    base_schedule = Schedule.from_stages([base.config.base_patch])
     patches = {p for s in schedules for p in s.patch_shapes}
-    model = ppflow_variant(base, sorted(patches, key=str)).to(device).eval()
+    model = ppflow_variant(base, sorted(patches, key=str)).to(device)
+    return device, model, schedules, Schedule.from_stages([base.config.base_patch])
+
+
+def describe(device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+
+
+def run(args):
+    device, model, schedules, base_schedule = benchmark_model(args)
+    model.eval()
     config = model.config
     sampler = SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.cfg, bf16=args.bf16,
                             compile=args.compile, cuda_graphs=args.cuda_graphs)
@@ -60,7 +70,7 @@ def run(args):
 
     for schedule in [base_schedule, *schedules]:  # warm-up: allocator, compile, graph capture
         time_sampling(model, schedule, noise, y, sampler, args.warmup, device)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    print(f"device {device} ({describe(device)}), "
           f"model {args.model}, latent {config.in_channels}x{config.input_size[0]}x{config.input_size[1]}, batch {args.batch}, "
           f"{args.steps} {args.solver} steps, cfg {args.cfg}, bf16 {args.bf16}, compile {args.compile}, "
           f"cuda graphs {args.cuda_graphs}, median of {args.repeats}")

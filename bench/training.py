@@ -20,12 +20,9 @@ import time
 
 import torch
 
-from ppsearch.cli import resolve_model
 from ppsearch.flops import train_step_macs
 from ppsearch.flow import train_step
-from ppsearch.models import ppflow_variant
-from ppsearch.schedule import Schedule
-from sampling import common_arguments
+from sampling import benchmark_model, common_arguments, describe
 
 
 def time_step(model, optimizer, x1, y, schedule, packed, args, seed) -> float:
@@ -53,16 +50,10 @@ def measure(model, optimizer, batch, base_schedule, schedule, args, device):
 
 
 def run(args):
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    base = resolve_model(args.model, with_weights=True, input_size=args.input_size)
-    schedules = [Schedule.parse(s) for s in args.schedules]
-    base_schedule = Schedule.from_stages([base.config.base_patch])
-    patches = {p for s in schedules for p in s.patch_shapes}
-    model = ppflow_variant(base, sorted(patches, key=str)).to(device)
+    device, model, schedules, base_schedule = benchmark_model(args)
     config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    print(f"device {device} ({describe(device)}), "
           f"model {args.model}, latent {config.in_channels}x{config.input_size[0]}x{config.input_size[1]}, "
           f"AdamW, grad clip {args.grad_clip}, bf16 {args.bf16}, median of {args.repeats}")
     print(f"{'batch':>5} {'schedule':<24} {'base s':>8} {'variant s':>9} {'packed s':>8} {'speed-up':>8} "
