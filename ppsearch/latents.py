@@ -82,11 +82,6 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 (rounded, clipped), e.g. decoded samples for FID."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 class ImageFolder(Dataset):
     """``root/<class_name>/*.{jpg,jpeg,png}``; class index = position in sorted class names.
     Items: (image uint8 (3, S, S), center-cropped, label int64); ``to_unit_range`` makes the

@@ -9,8 +9,9 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ppsearch.cli import main  # noqa: E402
+from ppsearch.fid import to_uint8  # noqa: E402
 from ppsearch.latents import (  # noqa: E402
-    ImageFolder, LatentShards, LatentsError, center_crop, decode_latents, encode_images, load_vae, to_uint8,
+    ImageFolder, LatentShards, LatentsError, center_crop, decode_latents, encode_images, load_vae,
     to_unit_range,
 )
 
