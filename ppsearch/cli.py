@@ -239,7 +239,7 @@ def cmd_eval(args):
     data = load_dataset(config.data, "train")
     base = base_model(config, data.shape, data.num_classes)  # a bad checkpoint or data fail here, first
     untrained = [str(p) for p in schedule.patch_shapes if p not in base.config.patch_shapes]
-    model = build_model(config, data.shape, data.num_classes).to(device)
+    model = build_model(config, data.shape, data.num_classes, base).to(device)
     evaluator = Evaluator(config.eval, config.data, device)
     images, sampling_seconds = evaluator.timed_sample(model, schedule)
     result = evaluator.score(model, schedule, images, sampling_seconds)

@@ -63,11 +63,11 @@ def base_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT
     return model
 
 
-def build_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT:
-    """The variant to train: the base with a level for every patch shape of the schedule,
-    initialised from the base patch."""
+def build_model(config: TrainerConfig, data_shape, num_classes: int, base: PPFlowDiT | None = None) -> PPFlowDiT:
+    """The variant to train: the base (``base`` if already loaded) with a level for every patch
+    shape of the schedule, initialised from the base patch."""
     schedule = Schedule.parse(config.schedule)
-    model = base_model(config, data_shape, num_classes)
+    model = base or base_model(config, data_shape, num_classes)
     schedule.check_for(model.config.input_size, model.config.base_patch)
     model.y_embedder.dropout_prob = config.class_dropout_prob
     return model.add_patch_shapes(schedule.patch_shapes)
