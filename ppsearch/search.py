@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -34,9 +35,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # ppsearch logs each trial
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # TPE's group, metric names
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for ``name``. TPE is multivariate with grouping, which models the
-    conditional space (parameters that exist for some stage counts only) jointly."""
+    conditional space (parameters that exist for some stage counts only) jointly; ``grid``
+    walks every point of the space's parameter grid once, in a seeded random order."""
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=5)
     if name == "nsga2":
@@ -45,7 +47,17 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp")
+    if name == "grid":
+        return AskTellGridSampler(space.grid_search_space(), seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp, grid")
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for a study driven by ask and tell: the driver stops at the end of
+    the grid itself (the stock sampler calls ``Study.stop``, which works inside ``optimize`` only)."""
+
+    def after_trial(self, study, trial, state, values):
+        pass
 
 
 @dataclass
@@ -65,7 +77,7 @@ def _error_line(err: BaseException) -> str:
 class Driver:
     """Runs (or resumes) one study to its trial budget."""
 
-    def __init__(self, config: StudyConfig, log=print):
+    def __init__(self, config: StudyConfig, log=print, runner: TrialRunner | None = None):
         self.config, self.log = config, log
         trainer = config.trainer
         data = load_dataset(trainer.data, "train")  # header only for latent shards
@@ -80,13 +92,14 @@ class Driver:
             raise ConfigError(f"trainer.eval.steps is {trainer.eval.steps}, fewer than the {most} stages a schedule "
                               f"may have (each stage needs a solver step)")
         trainer.eval.fid.check()  # a missing Inception file fails now, not in every worker
-        self.trial_function = _trial_function(config.trial_function)
+        self.runner = runner or RayRunner(config)
         self.store = Store(config.storage)
         self.study = optuna.create_study(
             study_name=config.name, storage=config.storage, directions=["minimize", "minimize"],
-            sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
+            sampler=make_sampler(config.sampler, config.seed, self.space), load_if_exists=True)
         # Seeded by the trials so far: a resumed study must not replay its earlier launches' proposals.
-        self.study.sampler = make_sampler(config.sampler, config.seed + len(self.study.get_trials(deepcopy=False)))
+        self.study.sampler = make_sampler(config.sampler, config.seed + len(self.study.get_trials(deepcopy=False)),
+                                          self.space)
         self.study.set_metric_names(["gmacs", "fid"])
         self._check_settings()
 
@@ -163,11 +176,9 @@ class Driver:
     def run(self) -> dict:
         self._recover()
         self._enqueue_baselines()
-        import ray
-
-        remote, slots = _start_ray(self.config, self.trial_function)
+        slots = self.runner.start()
         budget = self.config.n_trials
-        pending: dict = {}  # ray ref -> (proposal, started)
+        pending: dict = {}  # runner handle -> (proposal, started)
         waiting: dict[str, list[Proposal]] = {}  # repeats of a running schedule
         durations, idle, last_log = [], 0, 0.0  # idle: proposals in a row that added nothing
         started = time.perf_counter()
@@ -177,13 +188,20 @@ class Driver:
         counted = sum(1 for t in trials if t.user_attrs.get("counted"))
         done = {t.user_attrs["schedule"]: t for t in trials
                 if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs}
+        # A grid is finite: the search stops asking once every grid point has been proposed.
+        grid = isinstance(self.study.sampler, optuna.samplers.GridSampler)
+        grid_left = (math.prod(len(v) for v in self.space.grid_search_space().values())
+                     - sum(1 for t in trials if "grid_id" in t.system_attrs)) if grid else math.inf
         try:
             while True:
                 running = {str(p.schedule) for p, _ in pending.values()}
-                while len(pending) < slots and counted + len(pending) < budget and idle < _MAX_IDLE_PROPOSALS:
+                while (len(pending) < slots and counted + len(pending) < budget and grid_left > 0
+                       and (grid or idle < _MAX_IDLE_PROPOSALS)):
                     proposal = self._ask()
                     text = str(proposal.schedule)
                     idle += 1
+                    if grid and "grid_id" in self.study._storage.get_trial_system_attrs(proposal.trial._trial_id):
+                        grid_left -= 1
                     if text in done:
                         self._tell_repeat(proposal, done[text])
                     elif text in running:
@@ -191,40 +209,38 @@ class Driver:
                     elif not self._over_budget(proposal):
                         idle = 0
                         out_dir = Path(self.config.checkpoint_dir) / self.config.name / f"trial_{proposal.trial.number}"
-                        ref = remote.remote(self.config.trainer, text, str(out_dir))
-                        pending[ref] = (proposal, time.perf_counter())
+                        handle = self.runner.submit(self.config.trainer, text, str(out_dir))
+                        pending[handle] = (proposal, time.perf_counter())
                         running.add(text)
                         self._save(proposal.trial.number, proposal.trial._trial_id, text, "RUNNING",
                                    proposal.baseline, gmacs=proposal.trial.user_attrs["gmacs"])
                 if not pending:
                     break
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=10.0)
-                for ref in ready:
-                    proposal, t0 = pending.pop(ref)
+                for handle in self.runner.wait(list(pending), timeout=10.0):
+                    proposal, t0 = pending.pop(handle)
                     durations.append(time.perf_counter() - t0)
                     counted += 1
-                    finished = self._finish(proposal, ref, waiting.pop(str(proposal.schedule), []))
+                    finished = self._finish(proposal, handle, waiting.pop(str(proposal.schedule), []))
                     if finished:
                         done[str(proposal.schedule)] = finished
                 if time.perf_counter() - last_log > 30:
                     last_log = time.perf_counter()
                     self._progress(len(pending), durations, slots, budget)
         finally:
-            if not self.config.ray.address and not os.environ.get("RAY_ADDRESS"):
-                ray.shutdown()
-        if idle >= _MAX_IDLE_PROPOSALS:
+            self.runner.close()
+        if grid_left == 0:
+            self.log("the grid is spent: every one of its points was proposed")
+        elif not grid and idle >= _MAX_IDLE_PROPOSALS:
             self.log(f"the search space is spent: {_MAX_IDLE_PROPOSALS} proposals in a row added no new schedule")
         return {"trials": self._counted(), "seconds": time.perf_counter() - started,
                 "front": self.store.update_front(self.config.name)}
 
-    def _finish(self, proposal: Proposal, ref, repeats: list[Proposal]) -> optuna.trial.FrozenTrial | None:
+    def _finish(self, proposal: Proposal, handle, repeats: list[Proposal]) -> optuna.trial.FrozenTrial | None:
         """Tell the trial's result (and its repeats'); the finished trial when COMPLETE."""
-        import ray
-
         trial, text = proposal.trial, str(proposal.schedule)
         trial.set_user_attr("counted", True)
         try:
-            result = ray.get(ref)
+            result = self.runner.result(handle)
         except Exception as err:  # the trial's own error, or its worker's death after the retries
             message = _error_line(err)
             trial.set_user_attr("error", message)
@@ -272,31 +288,99 @@ def _trial_function(path: str):
         raise ConfigError(f"trial_function {path!r} is not an importable module:function") from None
 
 
-def _start_ray(config: StudyConfig, function):
-    """Connect to (or start) Ray; the remote trial function and how many trials run at once."""
-    import ray
+class TrialRunner(Protocol):
+    """Where the driver's trials run: ``start`` says how many at once, ``submit`` starts one
+    (``trial_function(trainer, schedule, out_dir)``) and returns a handle, ``wait`` gives the
+    handles that finished (at least one unless ``timeout`` seconds pass), ``result`` returns a
+    finished trial's result or raises its error, ``close`` lets go of the resources."""
 
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                     configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"cannot reach Ray at {address}: {str(err).splitlines()[0]}") from None
-    resources = ray.cluster_resources()
-    need_cpu, need_gpu = config.ray.num_cpus_per_trial, config.ray.num_gpus_per_trial
-    if need_gpu > resources.get("GPU", 0):
-        if not address:
+    def start(self) -> int: ...
+    def submit(self, trainer, schedule: str, out_dir: str): ...
+    def wait(self, handles: list, timeout: float) -> list: ...
+    def result(self, handle) -> dict: ...
+    def close(self): ...
+
+
+class RayRunner:
+    """Trials as Ray tasks on a cluster (``ray.address``) or on a local one started here."""
+
+    def __init__(self, config: StudyConfig):
+        self.config, self.function = config, _trial_function(config.trial_function)
+
+    def start(self) -> int:
+        import ray
+
+        config = self.config
+        self.address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        try:
+            if self.address:
+                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                         configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"cannot reach Ray at {self.address}: {str(err).splitlines()[0]}") from None
+        resources = ray.cluster_resources()
+        need_cpu, need_gpu = config.ray.num_cpus_per_trial, config.ray.num_gpus_per_trial
+        if need_gpu > resources.get("GPU", 0):
+            self.close()
+            raise ConfigError(f"ray.num_gpus_per_trial is {need_gpu:g} but the Ray cluster has "
+                              f"{resources.get('GPU', 0):g} GPUs; set ray.num_gpus_per_trial=0 to run on CPUs")
+        slots = int(resources.get("CPU", 1) // need_cpu) if need_cpu else 1
+        if need_gpu:
+            slots = min(slots, int(resources["GPU"] // need_gpu))
+        # max_calls=0 keeps GPU workers alive between trials, so each loads the base once.
+        self.remote = ray.remote(max_calls=0)(self.function).options(
+            num_cpus=need_cpu, num_gpus=need_gpu, max_retries=config.ray.max_retries)
+        return max(1, min(slots, config.ray.max_concurrent or slots))
+
+    def submit(self, trainer, schedule, out_dir):
+        return self.remote.remote(trainer, schedule, out_dir)
+
+    def wait(self, handles, timeout):
+        import ray
+
+        return ray.wait(handles, num_returns=1, timeout=timeout)[0]
+
+    def result(self, handle):
+        import ray
+
+        return ray.get(handle)
+
+    def close(self):
+        import ray
+
+        if not self.address:
             ray.shutdown()
-        raise ConfigError(f"ray.num_gpus_per_trial is {need_gpu:g} but the Ray cluster has "
-                          f"{resources.get('GPU', 0):g} GPUs; set ray.num_gpus_per_trial=0 to run on CPUs")
-    slots = int(resources.get("CPU", 1) // need_cpu) if need_cpu else 1
-    if need_gpu:
-        slots = min(slots, int(resources["GPU"] // need_gpu))
-    slots = max(1, min(slots, config.ray.max_concurrent or slots))
-    # max_calls=0 keeps GPU workers alive between trials, so each loads the base once.
-    remote = ray.remote(max_calls=0)(function).options(num_cpus=need_cpu, num_gpus=need_gpu,
-                                                         max_retries=config.ray.max_retries)
-    return remote, slots
+
+
+class InlineRunner:
+    """Trials run in the driver's process when submitted, ``slots`` of them pending at a time
+    and finishing in the order they were submitted: a deterministic study, for replaying a
+    sampler against a table of known results (bench/search_efficiency.py) or for debugging."""
+
+    def __init__(self, function, slots: int = 1):
+        self.function, self.slots, self.outcomes, self.count = function, slots, {}, 0
+
+    def start(self):
+        return self.slots
+
+    def submit(self, trainer, schedule, out_dir):
+        self.count += 1
+        try:
+            self.outcomes[self.count] = (self.function(trainer, schedule, out_dir), None)
+        except Exception as err:  # told as the trial's failure, as a Ray task's would be
+            self.outcomes[self.count] = (None, err)
+        return self.count
+
+    def wait(self, handles, timeout):
+        return [min(handles)]
+
+    def result(self, handle):
+        result, error = self.outcomes.pop(handle)
+        if error is not None:
+            raise error
+        return result
+
+    def close(self):
+        pass

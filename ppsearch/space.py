@@ -67,6 +67,30 @@ class SearchSpace:
         guidance = [None if g == self.default_guidance else g for g in guidance]
         return merged(Schedule.from_stages(patches, [self.grid[k] for k in indices], guidance))
 
+    def grid_search_space(self) -> dict[str, list]:
+        """Every parameter :meth:`suggest` may ask for, with all its values: Optuna's grid
+        sampler walks their product (parameters a stage count does not use are ignored, so
+        many grid points give the same schedule; the driver tells those repeats for free)."""
+        most = max(self.config.stage_counts)
+        space = {"stages": list(self.config.stage_counts)}
+        space.update({f"patch_{i}": list(self.free_patches) for i in range(self._free_stages(most))})
+        space.update({f"boundary_{i}": list(range(len(self.grid))) for i in range(most - 1)})
+        if len(self.config.guidance_scales) > 1:
+            space.update({f"cfg_{i}": list(self.config.guidance_scales) for i in range(most)})
+        return space
+
+    def schedules(self) -> list[Schedule]:
+        """The distinct schedules of the space, cheapest-looking first (by text): what an
+        exhaustive search evaluates."""
+        import itertools
+
+        from optuna.trial import FixedTrial
+
+        space = self.grid_search_space()
+        found = {str(s): s for values in itertools.product(*space.values())
+                 for s in [self.suggest(FixedTrial(dict(zip(space, values))))]}
+        return [found[text] for text in sorted(found)]
+
     def params(self, schedule: Schedule) -> dict | None:
         """Parameters that :meth:`suggest` turns into ``schedule``; None when the schedule is
         outside the space (a patch, boundary or guidance scale it does not allow)."""

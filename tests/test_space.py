@@ -83,3 +83,14 @@ def test_baselines_adapt_to_the_base_patch():
 def test_bad_spaces(kwargs, message):
     with pytest.raises(SearchSpaceError, match=message):
         _space(**kwargs)
+
+
+def test_schedules_lists_each_distinct_schedule_once():
+    space = _space(patch_shapes=["8x8", "4x4", "2x2"], boundary_min=0.25, boundary_max=0.75, boundary_step=0.25)
+    schedules = space.schedules()
+    texts = [str(s) for s in schedules]
+    # 2x2; 8x8 or 4x4 before it at 3 boundaries; 8x8 then 4x4 at 3 boundary pairs (8x8,8x8 merges).
+    assert len(texts) == len(set(texts)) == 1 + 2 * 3 + 3
+    assert {"2x2", "8x8@0.25,2x2", "4x4@0.75,2x2", "8x8@0.25,4x4@0.5,2x2", "8x8@0.5,4x4@0.75,2x2"} <= set(texts)
+    for schedule in schedules:
+        assert str(space.suggest(optuna.trial.FixedTrial(space.params(schedule)))) == str(schedule)

@@ -1,0 +1,171 @@
+"""Search efficiency: how soon each Optuna sampler finds the true front of the toy space.
+
+1. The table (``--make-table``, about 45 minutes on 2 cores): the toy study on a coarse
+   boundary grid (0.1, 0.3, 0.5, 0.7, 0.9: 91 distinct schedules), each schedule fine-tuned and
+   scored once by the real pipeline (the search driver, Ray, the toy trainer and its FID)
+   under Optuna's grid sampler. Written to --table as CSV, with a header saying how it was made.
+2. The replay (default): each sampler runs the search driver over the same space for --seeds
+   seeds, its trials answered from the table (``InlineRunner``: two pending at a time, as the
+   toy study runs on 2 cores). After 10, 20, 40 counted trials and after a quarter of the
+   table, the hypervolume of the front found so far relative to the table's true front
+   (reference point: 1.1 x the table's largest GMACs and FID, as ``ppsearch plot``).
+   Samplers: random, NSGA-II, TPE with Optuna's defaults, ppsearch's ``tpe`` (multivariate,
+   grouped, the study default), GP.
+
+    python bench/search_efficiency.py --make-table   # once: the table (about 45 minutes)
+    python bench/search_efficiency.py                # the replay (a few minutes)
+    python bench/search_efficiency.py --quick        # CI: a 10-schedule space, stand-in FIDs
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from ppsearch.config import load_study
+from ppsearch.query import trials as study_trials
+from ppsearch.search import Driver, InlineRunner, make_sampler
+from ppsearch.store import non_dominated
+
+BENCH = Path(__file__).resolve().parent
+TABLE = BENCH / "results" / "search_table-toy.csv"
+COARSE = ["search_space.boundary_min=0.1", "search_space.boundary_max=0.9", "search_space.boundary_step=0.2"]
+# --quick: a 10-schedule space whose "table" comes from the stand-in trial body (no training).
+QUICK = ["search_space.patch_shapes=[8x8,4x4,2x2]", "search_space.boundary_min=0.25",
+         "search_space.boundary_max=0.75", "search_space.boundary_step=0.25", "trainer.steps=0"]
+BUDGETS = (10, 20, 40)
+DEFAULT = "tpe (ppsearch default)"
+SAMPLERS = {
+    "random": lambda space, seed: make_sampler("random", seed, space),
+    "nsga2": lambda space, seed: make_sampler("nsga2", seed, space),
+    "tpe (Optuna defaults)": lambda space, seed: optuna.samplers.TPESampler(seed=seed),
+    DEFAULT: lambda space, seed: make_sampler("tpe", seed, space),
+    "gp": lambda space, seed: make_sampler("gp", seed, space),
+}
+
+
+def study_config(storage: str, space: list[str], *extra: str):
+    return load_study("toy", [f"storage={storage}", *space, *extra])
+
+
+def make_table(path: Path, space: list[str], trial_function: str | None):
+    """Every schedule of the space through the real driver (grid sampler, Ray) into ``path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = f"sqlite:///{Path(tmp) / 'grid.db'}"
+        extra = [f"checkpoint_dir={tmp}/checkpoints", "sampler=grid", "baselines=false", "name=grid"]
+        if trial_function:
+            extra.append(f"trial_function={trial_function}")
+        config = study_config(storage, space, *extra)
+        driver = Driver(config)
+        config.n_trials = len(driver.space.schedules())
+        started = time.perf_counter()
+        driver.run()
+        minutes = (time.perf_counter() - started) / 60
+        table = study_trials(storage, "grid")
+    table = table[table.state == "COMPLETE"][["schedule", "gmacs", "fid", "fid_std"]].sort_values("gmacs")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=BENCH).stdout.strip() or "?"
+    header = (f"# Every schedule of the toy search space with {' '.join(space)}, fine-tuned and scored once by "
+              f"the toy trainer\n# (`python bench/search_efficiency.py --make-table`, commit {commit}, "
+              f"{platform.node()}, {len(table)} trials in {minutes:.0f} min,\n# Optuna grid sampler, "
+              f"{config.ray.num_cpus_per_trial} CPU per trial on a local Ray cluster)\n")
+    path.write_text(header + table.to_csv(index=False, float_format="%.4f"))
+    print(f"wrote {path}: {len(table)} schedules")
+
+
+def table_runner(table: pd.DataFrame, slots: int) -> InlineRunner:
+    """Trials answered from the table: ``run_trial``'s result keys, the table's numbers."""
+    rows = table.set_index("schedule")
+
+    def lookup(trainer, schedule: str, out_dir: str) -> dict:
+        row = rows.loc[schedule]
+        return {"gmacs": row.gmacs, "relative_gmacs": row.gmacs / rows.gmacs.max(), "fid": row.fid,
+                "fid_std": row.fid_std, "fid_details": {"source": "table"}, "timings": {"total": 0.0},
+                "checkpoint": None, "worker": "table"}
+
+    return InlineRunner(lookup, slots)
+
+
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    from optuna._hypervolume import compute_hypervolume  # as ppsearch plot computes it
+
+    return compute_hypervolume(points, reference) if len(points) else 0.0
+
+
+def replay(table: pd.DataFrame, space: list[str], sampler: str, seed: int, budget: int, slots: int,
+           reference: np.ndarray, tmp: str) -> list[float]:
+    """The hypervolume after each counted trial of one seeded search answered from the table."""
+    storage = f"sqlite:///{Path(tmp) / re.sub(r'[^a-z0-9]+', '_', f'{sampler}-{seed}.db')}"
+    config = study_config(storage, space, f"n_trials={budget}", f"seed={seed}", f"checkpoint_dir={tmp}")
+    driver = Driver(config, log=lambda line: None, runner=table_runner(table, slots))
+    driver.study.sampler = SAMPLERS[sampler](driver.space, seed)
+    driver.run()
+    ran = [t for t in driver.study.get_trials(deepcopy=False) if t.user_attrs.get("counted")]
+    points = np.array([t.values for t in sorted(ran, key=lambda t: t.number)])
+    return [hypervolume(points[: k + 1], reference) for k in range(len(points))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--make-table", action="store_true")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--slots", type=int, default=2, help="trials pending at a time in the replay")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = QUICK if args.quick else COARSE
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:  # a table made by the real driver with the stand-in trial body
+            sys.path.append(str(BENCH))  # the stand-in, here and (through PYTHONPATH) in Ray's workers
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
+            args.table, args.seeds = Path(tmp) / "table.csv", 2
+            make_table(args.table, space, "standin:standin_trial")
+        elif args.make_table:
+            make_table(args.table, space, None)
+            return
+        table = pd.read_csv(args.table, comment="#")
+        points = table[["gmacs", "fid"]].to_numpy()
+        reference = 1.1 * points.max(axis=0)
+        true_front = hypervolume(points, reference)
+        quarter = math.ceil(len(table) / 4)
+        budgets = sorted({*BUDGETS, quarter})
+        rows = []
+        for sampler in args.samplers:
+            started = time.perf_counter()
+            for seed in range(args.seeds):
+                history = replay(table, space, sampler, seed, max(budgets), args.slots, reference, tmp)
+                rows.append({"sampler": sampler, "seed": seed, **{
+                    b: history[min(b, len(history)) - 1] / true_front for b in budgets}})
+            print(f"  {sampler}: {args.seeds} seeds in {time.perf_counter() - started:.0f} s", flush=True)
+    shares = pd.DataFrame(rows)
+    summary = shares.groupby("sampler", sort=False)[budgets].agg(["mean", "min"])
+    print(f"table {args.table.name}: {len(table)} schedules, true front of "
+          f"{len(non_dominated(points))} points; "
+          f"hypervolume share of the true front after N counted trials (mean and worst over {args.seeds} seeds), "
+          f"a quarter of the table = {quarter} trials")
+    print((100 * summary).to_string(float_format=lambda v: f"{v:.1f}"))
+    mean = shares.groupby("sampler", sort=False)[budgets].mean()
+    beats_random = all(mean.loc[DEFAULT, b] >= mean.loc["random", b] for b in budgets) \
+        if "random" in mean.index and DEFAULT in mean.index else None
+    at_quarter = mean.loc[DEFAULT, quarter] if DEFAULT in mean.index else float("nan")
+    print(f"result: study default {DEFAULT.split()[0]} reaches {100 * at_quarter:.1f}% of the true front's "
+          f"hypervolume after {quarter} trials (a quarter of {len(table)}; target >= 95%: "
+          f"{'met' if at_quarter >= 0.95 else 'MISSED'}); at or above random at every budget: "
+          f"{'yes' if beats_random else 'no'}")
+
+
+if __name__ == "__main__":
+    main()
