@@ -15,6 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # FlashAttention over variable-length sequences (CUDA, half precision; PyTorch >= 2.9)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 from .schedule import PatchShape, ScheduleError
 
 
@@ -127,7 +132,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask=None):
+        """``attn_mask``: None, a boolean mask for SDPA, or :class:`Segments` of a flat token
+        stream ``x`` of shape (1, T, C), attended within each segment."""
         B, N, C = x.shape
+        if isinstance(attn_mask, Segments):
+            q, k, v = self.qkv(x).view(N, 3, self.num_heads, C // self.num_heads).unbind(1)
+            cu, longest = attn_mask.cu_seqlens, attn_mask.max_len
+            return self.proj(varlen_attn(q, k, v, cu, cu, longest, longest).reshape(B, N, C))
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -325,8 +336,9 @@ class PPFlowDiT(nn.Module):
         Forward pass.
         x: (N, C, H, W) latents; t: (N,) timestep-embedder input (see ``timestep_input``);
         y: (N,) class labels; patches: one patch shape for the batch, or one per sample
-        (default: the base patch); packed: run samples of different patch shapes as packed
-        sequences in shared rows instead of one pass per shape.
+        (default: the base patch); packed: run samples of different patch shapes in one pass
+        instead of one pass per shape: one stream of all their tokens with variable-length
+        attention (CUDA, half precision), else rows with a block-diagonal attention mask.
         """
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         groups = self._groups(patches, x.shape[0], x.device)
@@ -375,11 +387,18 @@ class PPFlowDiT(nn.Module):
             conds.append(cs)
             lengths += [h.shape[1]] * h.shape[0]
         conds = torch.cat(conds)
-        packing = pack_sequences(lengths, device=x.device)
         flat = torch.cat(tokens)
-        rows = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])[packing.gather]
-        rows = self._run_blocks(rows, conds, packing.attn_mask, packing.token_sample)
-        flat = rows.reshape(-1, rows.shape[-1])[packing.scatter]
+        if _has_varlen_attention(flat, self.config.hidden_size // self.config.num_heads):
+            # one stream of all the tokens: no padding, no mask
+            segments = Segments.of(lengths, flat.device)
+            token_sample = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device),
+                                                   torch.tensor(lengths, device=flat.device))
+            flat = self._run_blocks(flat[None], conds, segments, token_sample[None])[0]
+        else:  # rows of the longest sequence's length, attention masked block-diagonally
+            packing = pack_sequences(lengths, device=x.device)
+            rows = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])[packing.gather]
+            rows = self._run_blocks(rows, conds, packing.attn_mask, packing.token_sample)
+            flat = rows.reshape(-1, rows.shape[-1])[packing.scatter]
         out, start = None, 0
         for (level, index), cs in zip(groups, conds.split([len(i) for _, i in groups])):
             n, count = len(index), len(index) * level.grid[0] * level.grid[1]
@@ -389,6 +408,31 @@ class PPFlowDiT(nn.Module):
             out[index] = ys
             start += count
         return out
+
+
+def _has_varlen_attention(tokens: torch.Tensor, head_dim: int) -> bool:
+    """Whether the packed path can use the variable-length FlashAttention kernel: a PyTorch that
+    has it, CUDA tokens in half precision (or under half-precision autocast), a head size
+    FlashAttention takes."""
+    half = (torch.float16, torch.bfloat16)
+    return varlen_attn is not None and tokens.is_cuda and head_dim % 8 == 0 and head_dim <= 256 and (
+        tokens.dtype in half or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half))
+
+
+@dataclass
+class Segments:
+    """Consecutive sequences of one flat token stream: sequence j holds tokens
+    cu_seqlens[j]:cu_seqlens[j + 1]."""
+
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    max_len: int
+
+    @classmethod
+    def of(cls, lengths, device=None) -> Segments:
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        return cls(torch.tensor(offsets, dtype=torch.int32, device=device), max(lengths))
 
 
 @dataclass

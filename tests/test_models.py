@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ppsearch import models
 from ppsearch.models import PPFlow_models, PPFlowDiT, pack_sequences, ppflow_variant
 from ppsearch.schedule import PatchShape, ScheduleError
 
@@ -71,7 +72,24 @@ def _mixed_model():
     return randomized(model).eval()
 
 
-def test_mixed_batch_grouped_and_packed_match_each_sample_alone():
+def _segment_attention(q, k, v, cu_q, cu_k, max_q, max_k):
+    """varlen_attn's contract in plain SDPA, one segment at a time (the kernel is CUDA-only)."""
+    spans = list(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()))
+    return torch.cat([F.scaled_dot_product_attention(*(z[a:b].transpose(0, 1) for z in (q, k, v))).transpose(0, 1)
+                      for a, b in spans])
+
+
+@pytest.fixture(params=["rows", "stream"])
+def packed_layout(request, monkeypatch):
+    """The packed path both ways: rows with a mask (CPU), and the one-stream layout of the CUDA
+    variable-length kernel, here with that kernel's contract emulated."""
+    if request.param == "stream":
+        monkeypatch.setattr(models, "_has_varlen_attention", lambda tokens, head_dim: True)
+        monkeypatch.setattr(models, "varlen_attn", _segment_attention)
+    return request.param
+
+
+def test_mixed_batch_grouped_and_packed_match_each_sample_alone(packed_layout):
     model = _mixed_model()
     shapes = ["4x4", "2x2", "2x4", "8x8", "4x4", "2x2", "4x2", "1x1", "2x4"]
     x, t, y = _inputs(len(shapes), model.config)
@@ -82,7 +100,7 @@ def test_mixed_batch_grouped_and_packed_match_each_sample_alone():
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_gradients_match_grouped():
+def test_packed_gradients_match_grouped(packed_layout):
     model = _mixed_model().train()
     model.y_embedder.dropout_prob = 0.0
     shapes = ["4x4", "2x2", "2x4", "8x8", "2x2"]
