@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 
 USER, PASSWORD = "ppsearch", "pp-secret-7f3a9"
 
@@ -99,6 +98,8 @@ def postgres_url():
 
 def _execute(url, *statements):
     # SQLAlchemy picks the driver for postgresql:// URLs, as it does for ppsearch and Optuna.
+    from sqlalchemy import create_engine  # here: the GPU machine's CUDA tests run without it
+
     engine = create_engine(url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE cannot run in a transaction
     try:
         with engine.connect() as connection:
