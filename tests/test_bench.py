@@ -18,7 +18,7 @@ def _quick(script: str) -> str:
 
 
 def test_training_benchmark():
-    assert _quick("training.py").startswith("result: batch 4 4x4@0.5,2x2: speed-up ")
+    assert _quick("training.py").startswith("result: batch 4 4x4@0.5,2x2: packed speed-up ")
 
 
 def test_orchestration_benchmark(postgres_url):  # the fixture skips where no PostgreSQL server can start
