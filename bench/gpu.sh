@@ -17,5 +17,5 @@ py=${PYTHON:-python3}
     $py bench/sampling.py --device cuda --model XL/2 --batch "$batch" --steps 10 --repeats 5 --bf16 --cuda-graphs
   done
   # Fine-tune steps; one run for all batches shares the model build (under a minute).
-  $py bench/training.py --device cuda --model XL/2 --batch 32 128 192 --bf16 --repeats 5
+  $py bench/training.py --device cuda --model XL/2 --batch 32 128 --bf16 --repeats 5
 } 2>&1 | tee "$out/gpu.txt"

@@ -7,7 +7,7 @@ The default schedules are six points spread along the front of the toy study (``
 launch``, 10 trials), from the base to the cheapest. Trials run --workers at a time, one thread
 each; the table is also written as CSV.
 
-    python bench/proxy_fidelity.py            # about 15 minutes on 2 cores
+    python bench/proxy_fidelity.py            # about 15 minutes on 2 cores (6 schedules, 200 and 800 steps)
     python bench/proxy_fidelity.py --quick    # CI: checks the script (3 schedules, a few steps)
 """
 from __future__ import annotations
