@@ -32,3 +32,11 @@ def test_sampling_benchmark():
 
 def test_embedded_budgets_benchmark():
     assert _quick("embedded.py").startswith("result: eval ")
+
+
+def test_search_efficiency_benchmark():
+    assert _quick("search_efficiency.py").startswith("result: study default tpe reaches ")
+
+
+def test_proxy_fidelity_benchmark():
+    assert _quick("proxy_fidelity.py").startswith("result: Kendall tau ")
