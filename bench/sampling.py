@@ -7,6 +7,7 @@ base, ...) and the median is taken, so drift hits both sides alike.
 
     python bench/sampling.py --model S/2 --batch 8 --steps 10            # CPU
     python bench/sampling.py --device cuda --model XL/2 --batch 32 --bf16 --cuda-graphs
+    python bench/sampling.py --model embedded --batch 64 --front-of sqlite:///ppsearch.db  # a study's front
     python bench/sampling.py --quick                                    # CI: checks the script
 """
 from __future__ import annotations
@@ -48,7 +49,12 @@ def benchmark_model(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = resolve_model(args.model, with_weights=True, input_size=args.input_size)
-    schedules = [Schedule.parse(s) for s in args.schedules]
+    texts = args.schedules
+    if getattr(args, "front_of", None):  # a study's front, cheapest first, without the base schedule
+        from ppsearch.query import front
+
+        texts = [s for s in front(args.front_of, args.study).schedule if s != str(base.config.base_patch)]
+    schedules = [Schedule.parse(s) for s in texts]
     patches = {p for s in schedules for p in s.patch_shapes}
     model = ppflow_variant(base, sorted(patches, key=str)).to(device)
     return device, model, schedules, Schedule.from_stages([base.config.base_patch])
@@ -114,6 +120,9 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--front-of", metavar="STORAGE", help="time the front of the study in this database "
+                                                             "instead of --schedules")
+    parser.add_argument("--study", default="toy", help="with --front-of: the study's name")
     args = parser.parse_args(argv)
     if args.quick:
         args.input_size, args.batch, args.steps, args.repeats, args.warmup = 16, 2, 4, 1, 1
