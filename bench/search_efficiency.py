@@ -106,7 +106,7 @@ def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
 def replay(table: pd.DataFrame, space: list[str], sampler: str, seed: int, budget: int, slots: int,
            reference: np.ndarray, tmp: str) -> list[float]:
     """The hypervolume after each counted trial of one seeded search answered from the table."""
-    storage = f"sqlite:///{Path(tmp) / re.sub(r'[^a-z0-9]+', '_', f'{sampler}-{seed}.db')}"
+    storage = f"sqlite:///{Path(tmp) / re.sub(r'[^a-z0-9]+', '_', f'{sampler}-{seed}')}.db"
     config = study_config(storage, space, f"n_trials={budget}", f"seed={seed}", f"checkpoint_dir={tmp}")
     driver = Driver(config, log=lambda line: None, runner=table_runner(table, slots))
     driver.study.sampler = SAMPLERS[sampler](driver.space, seed)
