@@ -34,6 +34,7 @@ import optuna
 import pandas as pd
 
 from ppsearch.config import load_study
+from ppsearch.query import hypervolume_history
 from ppsearch.query import trials as study_trials
 from ppsearch.search import Driver, InlineRunner, make_sampler
 from ppsearch.store import non_dominated
@@ -97,12 +98,6 @@ def table_runner(table: pd.DataFrame, slots: int) -> InlineRunner:
     return InlineRunner(lookup, slots)
 
 
-def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
-    from optuna._hypervolume import compute_hypervolume  # as ppsearch plot computes it
-
-    return compute_hypervolume(points, reference) if len(points) else 0.0
-
-
 def replay(table: pd.DataFrame, space: list[str], sampler: str, seed: int, budget: int, slots: int,
            reference: np.ndarray, tmp: str) -> list[float]:
     """The hypervolume after each counted trial of one seeded search answered from the table."""
@@ -112,8 +107,7 @@ def replay(table: pd.DataFrame, space: list[str], sampler: str, seed: int, budge
     driver.study.sampler = SAMPLERS[sampler](driver.space, seed)
     driver.run()
     ran = [t for t in driver.study.get_trials(deepcopy=False) if t.user_attrs.get("counted")]
-    points = np.array([t.values for t in sorted(ran, key=lambda t: t.number)])
-    return [hypervolume(points[: k + 1], reference) for k in range(len(points))]
+    return hypervolume_history(np.array([t.values for t in sorted(ran, key=lambda t: t.number)]), reference)
 
 
 def main():
@@ -140,7 +134,7 @@ def main():
         table = pd.read_csv(args.table, comment="#")
         points = table[["gmacs", "fid"]].to_numpy()
         reference = 1.1 * points.max(axis=0)
-        true_front = hypervolume(points, reference)
+        true_front = hypervolume_history(points, reference)[-1]  # as `ppsearch plot` computes it
         quarter = math.ceil(len(table) / 4)
         budgets = sorted({*(b for b in BUDGETS if b < len(table) / 2), quarter})
         rows = []

@@ -8,6 +8,7 @@ official DiT and SiT checkpoints load into the base patch shape unchanged.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -429,9 +430,7 @@ class Segments:
 
     @classmethod
     def of(cls, lengths, device=None) -> Segments:
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
+        offsets = list(itertools.accumulate(lengths, initial=0))
         return cls(torch.tensor(offsets, dtype=torch.int32, device=device), max(lengths))
 
 
@@ -462,9 +461,7 @@ def pack_sequences(lengths, capacity=None, device=None) -> Packing:
         else:
             rows.append([i])
             free.append(capacity - lengths[i])
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
+    offsets = list(itertools.accumulate(lengths, initial=0))
     total = offsets[-1]
     gather = torch.full((len(rows), capacity), total, dtype=torch.long)
     segment = torch.empty((len(rows), capacity), dtype=torch.long)
