@@ -51,9 +51,13 @@ def benchmark_model(args):
     base = resolve_model(args.model, with_weights=True, input_size=args.input_size)
     texts = args.schedules
     if getattr(args, "front_of", None):  # a study's front, cheapest first, without the base schedule
-        from ppsearch.query import front
+        from ppsearch.query import QueryError, front
+        from ppsearch.store import StoreError
 
-        texts = [s for s in front(args.front_of, args.study).schedule if s != str(base.config.base_patch)]
+        try:
+            texts = [s for s in front(args.front_of, args.study).schedule if s != str(base.config.base_patch)]
+        except (QueryError, StoreError) as err:
+            raise SystemExit(f"--front-of: {err}") from None
     schedules = [Schedule.parse(s) for s in texts]
     patches = {p for s in schedules for p in s.patch_shapes}
     model = ppflow_variant(base, sorted(patches, key=str)).to(device)
