@@ -165,9 +165,11 @@ def main():
     print(f"trials run before the search ended (budget {max(budgets)}; a search also ends after "
           f"proposals that add nothing), mean and min:\n" + ran.to_string(float_format=lambda v: f"{v:.1f}"))
     mean = shares.groupby("sampler", sort=False)[budgets].mean()
-    beats_random = all(mean.loc[DEFAULT, b] >= mean.loc["random", b] for b in budgets) \
-        if "random" in mean.index and DEFAULT in mean.index else None
-    at_quarter = mean.loc[DEFAULT, quarter] if DEFAULT in mean.index else float("nan")
+    if DEFAULT not in mean.index or "random" not in mean.index:
+        print(f"result: no verdict: the replay needs both {DEFAULT!r} and 'random' for one")
+        return
+    beats_random = all(mean.loc[DEFAULT, b] >= mean.loc["random", b] for b in budgets)
+    at_quarter = mean.loc[DEFAULT, quarter]
     print(f"result: study default {DEFAULT.split()[0]} reaches {100 * at_quarter:.1f}% of the true front's "
           f"hypervolume after {quarter} trials (a quarter of {len(table)}; target >= 95%: "
           f"{'met' if at_quarter >= 0.95 else 'MISSED'}); at or above random at every budget: "
