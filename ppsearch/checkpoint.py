@@ -1,17 +1,21 @@
 """Loading bases (official DiT / SiT checkpoints or ppsearch's own) and saving variants.
 
-Official checkpoints are plain state dicts, or dicts holding ``ema`` / ``model``, in ``.pt``
-or ``.safetensors`` files. They are read with ``weights_only=True``: nothing is unpickled.
+Official checkpoints are plain state dicts, or dicts holding ``ema`` / ``model`` (the files
+DiT's and SiT's own ``train.py`` write also hold ``opt`` and ``args``, an argparse Namespace), in
+``.pt`` or ``.safetensors`` files. They are read with ``weights_only=True``: tensors and plain
+containers only, plus exactly the globals such a training file needs; nothing else is unpickled.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .models import PPFlowConfig, PPFlowDiT
+from .models import SIZES, PPFlowConfig, PPFlowDiT, parse_model_name
 from .schedule import PatchShape
 
 
@@ -27,10 +31,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used as a base, with the reason."""
 
 
-# Heads cannot be read off tensor shapes; official sizes by width.
-_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
-_OFFICIAL_NAME = re.compile(r"(?P<family>DiT|SiT)-(?P<size>XL|L|B|S)[-/](?P<patch>\d+)", re.IGNORECASE)
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+# Heads cannot be read off tensor shapes; the known sizes by width.
+_HEADS_BY_WIDTH = {width: heads for _, width, heads in SIZES.values()}
+# The only globals a checkpoint of DiT's or SiT's train.py pickles besides tensors: its args.
+_TRAINING_FILE_GLOBALS = [argparse.Namespace]
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,9 +51,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 metadata = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with torch.serialization.safe_globals(_TRAINING_FILE_GLOBALS):
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not unsafe:
+            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        raise CheckpointError(f"refused checkpoint {path}: its pickle needs {unsafe[1]}, which ppsearch does not "
+                              f"load (a checkpoint holds tensors, containers and at most DiT/SiT's training "
+                              f"args); save its state dict alone") from None
     except Exception as err:  # corrupt or foreign file: one clear line, whatever the library raised
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
     if isinstance(state, dict) and "config" in state and isinstance(state["config"], dict):
         metadata = {"config": json.dumps(state["config"])}
     for key in ("ema", "model", "state_dict"):
@@ -60,6 +72,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} holds no state dict of tensors")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     return state, metadata
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _require(state, key, path):
@@ -82,13 +98,14 @@ def _infer_config(state, path, model_name, num_heads) -> PPFlowConfig:
         raise CheckpointError(f"{path}: pos_embed has {tokens} tokens, not a square grid")
     num_classes = _require(state, "y_embedder.embedding_table.weight", path).shape[0] - 1
     mlp_hidden = _require(state, "blocks.0.mlp.fc1.weight", path).shape[0]
-    match = _OFFICIAL_NAME.search(model_name or "") or _OFFICIAL_NAME.search(Path(path).name)
-    family = match["family"].lower() if match else "sit"
-    if match:
-        exp_depth, exp_hidden, heads = _SIZES[match["size"].upper()]
-        if (exp_depth, exp_hidden, int(match["patch"])) != (depth, hidden, ph):
+    name = parse_model_name(model_name) if model_name else parse_model_name(path, anywhere=True)
+    if model_name and name is None:
+        raise CheckpointError(f"unknown model name {model_name!r}: e.g. SiT-XL/2 or DiT-XL/2")
+    if name:
+        exp_depth, exp_hidden, heads = SIZES[name.size]
+        if (exp_depth, exp_hidden, name.patch) != (depth, hidden, ph):
             raise CheckpointError(
-                f"{path} does not match {match[0]}: it has depth {depth}, width {hidden}, patch {ph}"
+                f"{path} does not match {model_name or name.key}: it has depth {depth}, width {hidden}, patch {ph}"
             )
     elif num_heads or hidden in _HEADS_BY_WIDTH:
         heads = num_heads or _HEADS_BY_WIDTH[hidden]
@@ -99,7 +116,7 @@ def _infer_config(state, path, model_name, num_heads) -> PPFlowConfig:
     return PPFlowConfig(
         input_size=(side * ph, side * pw), in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
-        base_patch=PatchShape(ph, pw), time_input="ddpm" if family == "dit" else "flow",
+        base_patch=PatchShape(ph, pw), prediction=name.prediction if name else "velocity",
     )
 
 
@@ -129,10 +146,10 @@ def _official_to_ppflow(state, config: PPFlowConfig, path) -> dict[str, torch.Te
 def load_base(path: str | Path, model_name: str | None = None, num_heads: int | None = None) -> PPFlowDiT:
     """A PPFlow model from an official DiT/SiT checkpoint or a ppsearch checkpoint.
 
-    ``model_name`` (e.g. ``"SiT-XL/2"`` or ``"DiT-XL/2"``) names the size and the time
-    convention; without it both are read from the file name when it is an official one,
-    else the width gives the heads (``num_heads`` for unofficial widths) and SiT's flow time
-    is assumed.
+    ``model_name`` (e.g. ``"SiT-XL/2"`` or ``"DiT-XL/2"``) names the size and what the network
+    predicts (SiT: the flow velocity; DiT: the noise on its VP schedule); without it both are
+    read from the file name when it is an official one, else the width gives the heads
+    (``num_heads`` for unofficial widths) and a velocity model is assumed.
     """
     state, metadata = read_state_dict(path)
     if "config" in metadata:
@@ -151,6 +168,8 @@ def load_base(path: str | Path, model_name: str | None = None, num_heads: int | 
 
 def config_from_dict(data: dict) -> PPFlowConfig:
     data = dict(data)
+    if "time_input" in data:  # files written before the prediction field: "flow" or "ddpm"
+        data["prediction"] = {"flow": "velocity", "ddpm": "epsilon"}[data.pop("time_input")]
     data["base_patch"] = PatchShape.parse(data["base_patch"])
     data["patch_shapes"] = tuple(PatchShape.parse(p) for p in data.get("patch_shapes", ()))
     data["input_size"] = tuple(data["input_size"])

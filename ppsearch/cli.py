@@ -15,22 +15,23 @@ from .schedule import Schedule
 
 
 def resolve_model(name_or_path: str, with_weights: bool, input_size: int | None = None):
-    """A model from the size table (random weights, on the meta device when only its sizes
-    are needed; ``input_size`` sets its latent side) or from a checkpoint file."""
+    """A model named by size (``XL/2``), official name (``SiT-XL/2``, ``DiT-XL/2``) or official
+    file name, with random weights (on the meta device when only its sizes are needed;
+    ``input_size`` sets its latent side), or read from a checkpoint file that exists."""
     from .checkpoint import base_path, load_base
-    from .models import PPFlow_models
+    from .models import build_named, parse_model_name
 
     if name_or_path == "embedded":
         return load_base(base_path(name_or_path))
-    if name_or_path in PPFlow_models:
-        sizes = {"input_size": input_size} if input_size else {}
-        if with_weights:
-            return PPFlow_models[name_or_path](**sizes)
-        with torch.device("meta"):
-            return PPFlow_models[name_or_path](**sizes)
-    if Path(name_or_path).suffix in (".pt", ".pth", ".safetensors") or Path(name_or_path).exists():
+    if Path(name_or_path).is_file():
         return load_base(name_or_path)
-    raise ValueError(f"unknown model {name_or_path!r}: a checkpoint path, embedded, or one of {', '.join(PPFlow_models)}")
+    if parse_model_name(name_or_path) is None and Path(name_or_path).suffix in (".pt", ".pth", ".safetensors"):
+        return load_base(name_or_path)  # a missing checkpoint: its error names the file
+    sizes = {"input_size": input_size} if input_size else {}
+    if with_weights:
+        return build_named(name_or_path, **sizes)
+    with torch.device("meta"):
+        return build_named(name_or_path, **sizes)
 
 
 def _model_args(parser, help):

@@ -44,7 +44,7 @@ class TrainerConfig:
 
     schedule: str = "2x2"
     base: str | None = "embedded"  # checkpoint path, "embedded" (shipped tiny base), or null: from scratch
-    model: str = "T/2"  # size-table name, used when training from scratch
+    model: str = "T/2"  # size (XL/2) or official name (SiT-XL/2, DiT-XL/2), used when training from scratch
     model_name: str | None = None  # official checkpoint name (e.g. SiT-XL/2) when base is one
     data: DataConfig = field(default_factory=DataConfig)
     steps: int = 300

@@ -1,19 +1,22 @@
-"""Flow matching with stages: interpolant, velocity loss, stage-routed training step, and an
-ODE sampler (Euler or Heun) whose steps use their stage's patch shape and guidance.
+"""Flow matching with stages: interpolant, the velocity of any base, loss, stage-routed
+training step, and an ODE sampler (Euler or Heun) whose steps use their stage's patch shape
+and guidance.
 
 Time runs from t = 0 (noise x0) to t = 1 (data x1): x_t = t * x1 + (1 - t) * x0, and the
-model predicts the velocity x1 - x0.
+velocity is x1 - x0. Every base is used through :func:`velocity`, whatever it predicts: SiT and
+ppsearch's own models predict the velocity; a DiT predicts the noise on its discrete VP schedule,
+run at the step whose signal-to-noise ratio equals the flow's.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .schedule import PatchShape, Schedule
 
@@ -41,16 +44,90 @@ def autocast(device: torch.device | str, bf16: bool):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+#################################################################################
+#                       The velocity of any base (SiT or DiT)                   #
+#################################################################################
+
+# DiT's diffusion (facebookresearch/DiT, diffusion/gaussian_diffusion.py): linear betas from
+# 1e-4 to 0.02 over 1,000 steps; step 0 is nearly data, step 999 nearly noise.
+VP_STEPS, VP_BETA_START, VP_BETA_END = 1000, 1e-4, 0.02
+
+
+@functools.cache
+def _vp_log_snr() -> torch.Tensor:
+    """log(alpha_bar / (1 - alpha_bar)) of each VP step, decreasing with the step."""
+    betas = torch.linspace(VP_BETA_START, VP_BETA_END, VP_STEPS, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    return torch.log(alpha_bar / (1 - alpha_bar))
+
+
+@functools.cache
+def _vp_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log SNR of each step (increasing) and the step numbers, on ``device`` (made once, before a
+    CUDA graph captures a sampling step)."""
+    log_snr = _vp_log_snr()
+    return (-log_snr).float().to(device), torch.arange(VP_STEPS, dtype=torch.float32, device=device)
+
+
+def vp_time_range() -> tuple[float, float]:
+    """Flow times of VP steps 999 and 0: the flow's SNR t^2 / (1 - t)^2 equals a VP step's inside
+    this range only; times outside are clamped to it."""
+    log_snr = _vp_log_snr()
+    return torch.sigmoid(log_snr[-1] / 2).item(), torch.sigmoid(log_snr[0] / 2).item()
+
+
+def vp_step(t: torch.Tensor) -> torch.Tensor:
+    """The fractional VP step whose SNR equals the flow's at time ``t`` (inside ``vp_time_range``):
+    log SNR interpolated linearly between integer steps."""
+    neg_log_snr, steps = _vp_table(t.device)
+    target = -2 * torch.logit(t.float())
+    upper = torch.searchsorted(neg_log_snr, target).clamp(1, VP_STEPS - 1)
+    low, high = neg_log_snr[upper - 1], neg_log_snr[upper]
+    return steps[upper - 1] + ((target - low) / (high - low)).clamp(0, 1)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def velocity(model, x_t, t, labels, patch=None, packed=False) -> torch.Tensor:
+    """The flow velocity the base predicts at ``x_t``, flow times ``t`` (one per sample) and
+    ``labels``, under ``patch`` (one for the batch or one per sample), in float32.
+
+    A velocity model (SiT, ppsearch's own) is fed t itself. An epsilon model (DiT) runs at the VP
+    step with the flow's signal-to-noise ratio, on the input rescaled to that step's scale,
+    x_t / sqrt(t^2 + (1 - t)^2); its noise eps becomes v = (x_t - eps) / t. Times beyond the
+    VP schedule's ends (t below 0.0064 or above 0.990) are clamped to its first and last steps.
+    """
+    if model.config.prediction == "velocity":
+        return model(x_t, t, labels, patch, packed=packed).float()
+    t = t.clamp(*vp_time_range())
+    scale = torch.rsqrt(t.square() + (1 - t).square())
+    eps = model(x_t * _per_sample(scale, x_t).to(x_t.dtype), vp_step(t), labels, patch, packed=packed).float()
+    return (x_t.float() - eps) / _per_sample(t, x_t).float()
+
+
+def loss_weights(model, t) -> torch.Tensor:
+    """Per-sample weights of the velocity MSE. A velocity base: 1. An epsilon base keeps its
+    pretrained meaning and objective: with v = (x_t - eps) / t, t^2 |v_pred - v|^2 is the noise
+    MSE at the matched VP step, whose weight stays bounded where 1 / t^2 would not (t -> 0)."""
+    if model.config.prediction == "velocity":
+        return torch.ones_like(t)
+    return t.clamp(*vp_time_range()).square()
+
+
 def flow_loss(model, x1, y, schedule: Schedule, generator=None, packed=False, bf16=False):
-    """Velocity MSE with t ~ U[0, 1) and each sample routed to its stage's patch shape.
+    """Velocity MSE (weighted by :func:`loss_weights`) with t ~ U[0, 1) and each sample routed
+    to its stage's patch shape.
 
     Returns the mean loss and the per-sample times (for per-stage statistics).
     """
     t = torch.rand(x1.shape[0], device=x1.device, generator=generator)
     x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
     with autocast(x1.device, bf16):
-        v = model(interpolate(x0, x1, t), model.timestep_input(t), y, stage_patches(schedule, t), packed=packed)
-    return F.mse_loss(v.float(), velocity_target(x0, x1).float()), t
+        v = velocity(model, interpolate(x0, x1, t), t, y, stage_patches(schedule, t), packed=packed)
+    error = (v - velocity_target(x0, x1).float()).square().flatten(1).mean(1)
+    return (loss_weights(model, t) * error).mean(), t
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -147,7 +224,7 @@ class _Velocity:
         if guided:
             x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.model.config.num_classes)])
         with autocast(x.device, self.bf16):
-            out = self.model(x, self.model.timestep_input(t), y, self.patch).float()
+            out = velocity(self.model, x, t, y, self.patch)
         if not guided:
             return out
         cond, uncond = out.chunk(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -22,6 +23,9 @@ except ImportError:
     varlen_attn = None
 
 from .schedule import PatchShape, ScheduleError
+
+
+PREDICTIONS = ("velocity", "epsilon")
 
 
 def modulate(x, shift, scale):
@@ -41,9 +45,10 @@ class PPFlowConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     base_patch: PatchShape = PatchShape(2, 2)
-    # What the timestep embedder receives for flow time t (0 noise, 1 data):
-    # "flow" feeds t itself (SiT), "ddpm" feeds 999 * (1 - t) (DiT's discrete steps).
-    time_input: str = "flow"
+    # What the network predicts: "velocity" of the flow at flow time t (SiT, ppsearch's own
+    # models) or "epsilon", the noise, at a step of DiT's discrete VP schedule. The sampler and
+    # the loss see both through ppsearch.flow.velocity.
+    prediction: str = "velocity"
     patch_shapes: tuple[PatchShape, ...] = field(default=())
 
     def __post_init__(self):
@@ -52,8 +57,8 @@ class PPFlowConfig:
         object.__setattr__(self, "base_patch", PatchShape.parse(self.base_patch))
         shapes = tuple(PatchShape.parse(p) for p in self.patch_shapes) or (self.base_patch,)
         object.__setattr__(self, "patch_shapes", tuple(dict.fromkeys((self.base_patch, *shapes))))
-        if self.time_input not in ("flow", "ddpm"):
-            raise ValueError(f"time_input must be 'flow' or 'ddpm', got {self.time_input!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
 
     @property
     def mlp_hidden(self) -> int:
@@ -218,7 +223,7 @@ class PatchLevel(nn.Module):
         self.x_embedder = PatchEmbed(patch, config.in_channels, config.hidden_size)
         self.final_layer = FinalLayer(config.hidden_size, patch, config.in_channels)
         self.level_embed = nn.Parameter(torch.zeros(config.hidden_size))
-        pos = get_2d_sincos_pos_embed(config.hidden_size, self.grid)
+        pos = get_2d_sincos_pos_embed(config.hidden_size, *level_positions(patch, config.base_patch, self.grid))
         self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0), persistent=False)
 
     def embed(self, x):
@@ -326,16 +331,12 @@ class PPFlowDiT(nn.Module):
         if patch.h % base.h or patch.w % base.w:
             raise ScheduleError(f"patch {patch} cannot be initialised from the base patch {base}")
 
-    # -- time ----------------------------------------------------------------------
-    def timestep_input(self, t):
-        """What the timestep embedder receives for flow time ``t`` (0 noise, 1 data)."""
-        return t if self.config.time_input == "flow" else 999.0 * (1.0 - t)
-
     # -- forward -------------------------------------------------------------------
     def forward(self, x, t, y, patches=None, packed=False):
         """
         Forward pass.
-        x: (N, C, H, W) latents; t: (N,) timestep-embedder input (see ``timestep_input``);
+        x: (N, C, H, W) latents; t: (N,) what the timestep embedder takes (flow time for a
+        velocity model, the VP step for an epsilon one: call ``ppsearch.flow.velocity``);
         y: (N,) class labels; patches: one patch shape for the batch, or one per sample
         (default: the base patch); packed: run samples of different patch shapes in one pass
         instead of one pass per shape: one stream of all their tokens with variable-length
@@ -485,13 +486,29 @@ def pack_sequences(lengths, capacity=None, device=None) -> Packing:
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
 
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """Fixed 2D sin-cos embedding for a (gh, gw) grid, laid out as DiT's (first half encodes
-    the column, second half the row)."""
+def level_positions(patch: PatchShape, base_patch: PatchShape, grid: tuple[int, int]):
+    """Coordinates (rows, cols) on the base model's token grid of a level's token rows and columns.
+
+    Token (i, j) of an (a * bh) x (b * bw) patch covers the base tokens (i * a ... i * a + a - 1,
+    j * b ... j * b + b - 1) and sits at their centre, (i * a + (a - 1) / 2, j * b + (b - 1) / 2):
+    PPFlow initialises its embedding as the base's on the average-pooled input, whose content is
+    centred there. The official code puts it at the corner (i * a, j * b); on the embedded base the
+    centre starts closer to the data (velocity MSE of PPF-3's 4x4 / 2x4 stages at initialisation
+    1.00 / 0.84 against 1.09 / 0.89) and ends better after the toy fine-tune (FID 65.9 / 106.9 for
+    PPF-2 / PPF-3 against 71.3 / 111.7): bench/positions.py. The base level is the base grid itself.
+    """
     import numpy as np
 
-    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
-    grid = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    a, b = patch.h / base_patch.h, patch.w / base_patch.w
+    return np.arange(grid[0]) * a + (a - 1) / 2, np.arange(grid[1]) * b + (b - 1) / 2
+
+
+def get_2d_sincos_pos_embed(embed_dim, rows, cols):
+    """Fixed 2D sin-cos embedding of the grid of (row, col) coordinates, row-major, laid out
+    as DiT's (first half encodes the column, second half the row)."""
+    import numpy as np
+
+    grid = np.meshgrid(np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64))
     emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0].reshape(-1))
     emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1].reshape(-1))
     return np.concatenate([emb_w, emb_h], axis=1)
@@ -510,6 +527,11 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                  PPFlow Configs                               #
 #################################################################################
 
+# depth, width, heads: the official DiT / SiT sizes, and T for the embedded default's tiny
+# base (16x16 digits), small enough to pretrain on a laptop CPU.
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 96, 4)}
+
+
 def _constructor(depth, hidden_size, num_heads, patch):
     def build(**kwargs):
         return PPFlowDiT(PPFlowConfig(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
@@ -518,14 +540,62 @@ def _constructor(depth, hidden_size, num_heads, patch):
 
 
 PPFlow_models = {
-    f"{name}/{patch}": _constructor(depth, hidden, heads, patch)
-    for name, (depth, hidden, heads) in {
-        "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
-    }.items()
-    for patch in (2, 4, 8)
+    f"{size}/{patch}": _constructor(*SIZES[size], patch)
+    for size in ("XL", "L", "B", "S") for patch in (2, 4, 8)
 }
-# The embedded default's tiny base (16x16 digits), small enough to pretrain on a laptop CPU.
-PPFlow_models["T/2"] = _constructor(6, 96, 4, 2)
+PPFlow_models["T/2"] = _constructor(*SIZES["T"], 2)
+
+_NAME = r"(?P<size>XL|L|B|S|T)[-/](?P<patch>\d+)(?:-(?P<image>\d+)x(?P=image))?"
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A model size as users name it: a size-table key (``XL/2``), an official name (``SiT-XL/2``,
+    ``DiT-XL/2``) or an official checkpoint file name (``DiT-XL-2-512x512.pt``). The family says
+    what the network predicts; an image size in the name gives the latent side (VAE factor 8)."""
+
+    size: str
+    patch: int
+    family: str | None = None  # "DiT", "SiT", or None for ppsearch's own (velocity) models
+    image_size: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.size}/{self.patch}"
+
+    @property
+    def prediction(self) -> str:
+        return "epsilon" if self.family == "DiT" else "velocity"
+
+    @property
+    def input_size(self) -> int | None:
+        return self.image_size // 8 if self.image_size else None
+
+
+def parse_model_name(text: str, anywhere: bool = False) -> ModelName | None:
+    """The model a name (or a checkpoint file's name) gives, or None. ``anywhere``: find an
+    official ``DiT-``/``SiT-`` name inside a longer file name."""
+    name = str(text)
+    if re.search(r"\.(pt|pth|safetensors)$", name):  # a checkpoint file: its name without the folder
+        name = re.sub(r"\.(pt|pth|safetensors)$", "", re.split(r"[/\\]", name)[-1])
+    family = r"(?P<family>DiT|SiT)-"
+    match = (re.search(family + _NAME, name, re.IGNORECASE) if anywhere
+             else re.fullmatch(f"(?:{family})?{_NAME}", name, re.IGNORECASE))
+    if not match or f"{match['size'].upper()}/{match['patch']}" not in PPFlow_models:
+        return None
+    family = match["family"] and {"dit": "DiT", "sit": "SiT"}[match["family"].lower()]
+    return ModelName(match["size"].upper(), int(match["patch"]), family,
+                     int(match["image"]) if match["image"] else None)
+
+
+def build_named(text: str, **kwargs) -> PPFlowDiT:
+    """A model (random weights) of the size ``text`` names; ``kwargs`` go to PPFlowConfig."""
+    name = parse_model_name(text)
+    if name is None:
+        raise ValueError(f"unknown model {text!r}: a size ({', '.join(PPFlow_models)}), an official name "
+                         f"(SiT-XL/2, DiT-XL/2) or an official checkpoint file name (DiT-XL-2-256x256.pt)")
+    defaults = {"prediction": name.prediction, "input_size": name.input_size}
+    return PPFlow_models[name.key](**{**{k: v for k, v in defaults.items() if v is not None}, **kwargs})
 
 
 def ppflow_variant(base: PPFlowDiT, patches) -> PPFlowDiT:

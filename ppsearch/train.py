@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, base_path, load_base, save_model
 from .config import TrainerConfig
 from .data import load_dataset
 from .flow import train_step, update_ema
-from .models import PPFlow_models, PPFlowDiT
+from .models import PPFlowDiT, build_named
 from .schedule import Schedule
 
 
@@ -51,9 +51,10 @@ def base_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT
     """The base the config names (or a fresh model of its size), checked against the data."""
     channels, *size = data_shape
     if config.base is None:
-        if config.model not in PPFlow_models:
-            raise TrainError(f"unknown model {config.model!r}; one of {', '.join(PPFlow_models)}")
-        return PPFlow_models[config.model](input_size=tuple(size), in_channels=channels, num_classes=num_classes)
+        try:
+            return build_named(config.model, input_size=tuple(size), in_channels=channels, num_classes=num_classes)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
     model = shared_base(base_path(config.base), config.model_name)
     got = (model.config.in_channels, *model.config.input_size)
     if got != (channels, *size) or model.config.num_classes < num_classes:

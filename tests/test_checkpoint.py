@@ -1,3 +1,6 @@
+import argparse
+from fractions import Fraction
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -44,26 +47,54 @@ def test_import_reproduces_the_official_network(tmp_path, wrapper, suffix, name)
         torch.testing.assert_close(model(x, t, y), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_import_without_learned_sigma_and_time_convention(tmp_path):
+def test_import_without_learned_sigma_and_prediction(tmp_path):
     official = _official(learn_sigma=False)
     torch.save(official.state_dict(), tmp_path / "SiT-tiny.pt")
     model = load_base(tmp_path / "SiT-tiny.pt", num_heads=4).eval()
     x, t, y = _inputs()
     torch.testing.assert_close(model(x, t, y), official(x, t, y), rtol=1e-5, atol=1e-5)
-    assert model.config.time_input == "flow"
-    assert torch.equal(model.timestep_input(torch.tensor([0.25])), torch.tensor([0.25]))
+    assert model.config.prediction == "velocity"
 
 
-def test_dit_name_sets_ddpm_time_input(tmp_path):
+def test_dit_name_makes_an_epsilon_model(tmp_path):
     torch.save(_official(hidden_size=384, num_heads=6).state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="does not match DiT-S/2"):
         load_base(tmp_path / "w.pt", model_name="DiT-S/2")  # S has depth 12, this file 2
+    with pytest.raises(CheckpointError, match="unknown model name 'DiT-Q/2'"):
+        load_base(tmp_path / "w.pt", model_name="DiT-Q/2")
     model = load_base(tmp_path / "w.pt")
-    assert model.config.num_heads == 6 and model.config.time_input == "flow"
+    assert model.config.num_heads == 6 and model.config.prediction == "velocity"
     torch.save(_official(hidden_size=384, num_heads=6, depth=12).state_dict(), tmp_path / "DiT-S-2-256x256.pt")
-    dit = load_base(tmp_path / "DiT-S-2-256x256.pt")
-    assert dit.config.time_input == "ddpm"
-    assert dit.timestep_input(torch.tensor([0.0, 1.0])).tolist() == [999.0, 0.0]
+    assert load_base(tmp_path / "DiT-S-2-256x256.pt").config.prediction == "epsilon"
+    assert load_base(tmp_path / "DiT-S-2-256x256.pt", model_name="SiT-S/2").config.prediction == "velocity"
+
+
+def test_official_training_checkpoint_loads_its_ema(tmp_path):
+    """DiT's and SiT's train.py save {"model", "ema", "opt", "args"} with args an argparse
+    Namespace: read with weights_only and exactly that global allowed; the EMA weights win."""
+    model, ema = _official(), _official()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(*_inputs(size=8)).sum().backward()
+    opt.step()
+    args = argparse.Namespace(model="DiT-XL/2", image_size=256, global_batch_size=256, results_dir="results",
+                              vae="ema", ckpt=None, epochs=1400)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args},
+               tmp_path / "0400000.pt")
+    loaded = load_base(tmp_path / "0400000.pt", num_heads=4).eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), ema(x, t, y)[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pickle_needing_any_other_global_is_refused_in_one_line(tmp_path):
+    torch.save({"ema": _official().state_dict(), "args": argparse.Namespace(x=1), "extra": Fraction(1, 3)},
+               tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"refused checkpoint .*needs fractions.Fraction") as err:
+        load_base(tmp_path / "other.pt", num_heads=4)
+    assert "\n" not in str(err.value)
 
 
 def test_imported_base_initialises_variants(tmp_path):
@@ -90,7 +121,7 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
             return (print, ("unpickled!",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="refused checkpoint .*needs print"):
         load_base(tmp_path / "evil.pt")
 
 

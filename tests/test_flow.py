@@ -19,12 +19,9 @@ class LinearField(torch.nn.Module):
 
     def __init__(self, uncond_offset=0.0):
         super().__init__()
-        self.config = SimpleNamespace(num_classes=10)
+        self.config = SimpleNamespace(num_classes=10, prediction="velocity")
         self.calls = []
         self.uncond_offset = uncond_offset
-
-    def timestep_input(self, t):
-        return t
 
     def forward(self, x, t, y, patches=None, packed=False):
         self.calls.append((x.shape[0], str(patches), t[0].item()))

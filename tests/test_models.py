@@ -9,6 +9,7 @@ from ppsearch.models import PPFlow_models, PPFlowDiT, pack_sequences, ppflow_var
 from ppsearch.schedule import PatchShape, ScheduleError
 
 from conftest import randomized, tiny_config
+from reference_dit import sincos_2d
 
 
 def _inputs(n, config, seed=1):
@@ -46,15 +47,47 @@ def test_new_head_is_base_head_upsampled(tiny_model, patch):
 @pytest.mark.parametrize("patch", ["4x4", "2x4", "8x8"])
 def test_variant_at_init_is_base_on_pooled_latent_upsampled(tiny_model, patch):
     """The whole network: a new patch shape starts as the pretrained model run on the
-    average-pooled latent, its prediction repeated (PPFlow's initialisation)."""
+    average-pooled latent, its tokens at their base-grid positions, its prediction repeated
+    (PPFlow's initialisation)."""
     variant = ppflow_variant(tiny_model, [patch])
     p = PatchShape.parse(patch)
     a, b = p.h // 2, p.w // 2
     small = PPFlowDiT(tiny_config(input_size=(16 // a, 16 // b))).eval()
     small.load_state_dict(tiny_model.state_dict())
+    small.levels["2x2"].pos_embed = variant.level(patch).pos_embed  # tied to the base grid below
     x, t, y = _inputs(4, variant.config)
     expected = small(F.avg_pool2d(x, (a, b)), t, y).repeat_interleave(a, 2).repeat_interleave(b, 3)
     torch.testing.assert_close(variant(x, t, y, patch), expected, rtol=1e-4, atol=1e-5)
+
+
+def _sincos(dim, rows, cols):
+    """DiT's 2D sin-cos embedding at (row, col) coordinates: first half the column, second the row."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    def one(pos):
+        return torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)
+    return torch.cat([one(cols), one(rows)], dim=1)
+
+
+@pytest.mark.parametrize("patch", ["2x2", "4x4", "2x4", "4x2", "8x8", "8x4", "16x16"])
+def test_every_token_sits_at_the_centre_of_the_base_tokens_it_covers(tiny_model, patch):
+    """Each token's position embedding is the base grid's at the mean base-token coordinate of
+    the latent pixels it embeds (for a 4x4 token from a 2x2 base: base rows 2i and 2i + 1, so 2i + 0.5)."""
+    variant = ppflow_variant(tiny_model, [patch])
+    level, base = variant.level(patch), variant.config.base_patch
+    height, width = variant.config.input_size
+    pixel_rows = torch.arange(height, dtype=torch.float64)
+    pixel_cols = torch.arange(width, dtype=torch.float64)
+    # which token each pixel goes to, as the patch embedding (a strided convolution) lays them out
+    token_row, token_col = pixel_rows // level.patch.h, pixel_cols // level.patch.w
+    base_row, base_col = pixel_rows // base.h, pixel_cols // base.w
+    rows = torch.stack([base_row[token_row == i].mean() for i in range(level.grid[0])])
+    cols = torch.stack([base_col[token_col == j].mean() for j in range(level.grid[1])])
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
+    expected = _sincos(variant.config.hidden_size, grid_rows.reshape(-1), grid_cols.reshape(-1))
+    torch.testing.assert_close(level.pos_embed[0].double(), expected, rtol=0, atol=1e-6)
+    if patch == "2x2":  # the base level is DiT's own grid
+        torch.testing.assert_close(level.pos_embed[0].double(),
+                                   torch.from_numpy(sincos_2d(variant.config.hidden_size, 8)), rtol=0, atol=1e-6)
 
 
 def test_variant_leaves_base_untouched(tiny_model):
