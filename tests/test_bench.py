@@ -40,3 +40,7 @@ def test_search_efficiency_benchmark():
 
 def test_proxy_fidelity_benchmark():
     assert _quick("proxy_fidelity.py").startswith("result: Kendall tau ")
+
+
+def test_positions_benchmark():
+    assert _quick("positions.py").startswith("result: lowest PPF-2 + PPF-3 FID after fine-tuning: ")
