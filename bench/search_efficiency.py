@@ -45,7 +45,7 @@ TABLE = BENCH / "results" / "search_table-toy.csv"
 COARSE = ["search_space.boundary_min=0.1", "search_space.boundary_max=0.9", "search_space.boundary_step=0.2"]
 # --quick: a 10-schedule space whose "table" comes from the stand-in trial body (no training).
 QUICK = ["search_space.patch_shapes=[8x8,4x4,2x2]", "search_space.boundary_min=0.25",
-         "search_space.boundary_max=0.75", "search_space.boundary_step=0.25", "trainer.steps=0"]
+         "search_space.boundary_max=0.75", "search_space.boundary_step=0.25", "trainer.steps=1"]
 BUDGETS = (10, 20, 40)
 DEFAULT = "tpe (ppsearch default)"
 SAMPLERS = {

@@ -8,14 +8,15 @@ import importlib
 _EXPORTS = {
     "checkpoint": ["CheckpointError", "load_base", "save_model"],
     "config": ["StudyConfig", "TrainerConfig", "load_study", "load_trainer"],
+    "errors": ["PPSearchError"],
     "data": ["DataConfig", "load_dataset"],
     "fid": ["FID", "FIDConfig", "FIDResult"],
     "flops": ["forward_macs", "relative_cost", "sample_cost", "train_step_macs"],
     "flow": ["SamplerConfig", "flow_loss", "sample", "train_step"],
     "models": ["PPFlow_models", "PPFlowConfig", "PPFlowDiT", "ppflow_variant"],
-    "query": ["QueryError", "export_trial", "front", "pick_trial", "trials"],
+    "query": ["QueryError", "export_trial", "front", "open_study", "pick_trial", "trials"],
     "schedule": ["PatchShape", "Schedule", "ScheduleError", "Stage"],
-    "store": ["Store", "StoreError", "TrialRecord"],
+    "store": ["Store", "StoreError"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_MODULE_OF)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import PPSearchError
 from .models import SIZES, PPFlowConfig, PPFlowDiT, parse_model_name
 from .schedule import PatchShape
 
@@ -27,7 +28,7 @@ def base_path(base: str) -> Path:
     return EMBEDDED_BASE if base == "embedded" else Path(base)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PPSearchError):
     """A checkpoint file that cannot be used as a base, with the reason."""
 
 

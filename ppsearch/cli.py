@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 
 from .flow import SamplerConfig
 from .schedule import Schedule
+from .store import hidden_password
 
 
 def resolve_model(name_or_path: str, with_weights: bool, input_size: int | None = None):
@@ -141,14 +144,23 @@ def _study_from_args(words: list[str]):
 
 
 def cmd_launch(args):
-    from .search import Driver
-
     from . import query
+    from .search import Driver, Interrupted, install_signal_handlers
 
     config = _study_from_args(args.overrides)
-    summary = Driver(config).run()
+    driver = Driver(config)
+    install_signal_handlers(driver)
+    try:
+        summary = driver.run()
+    except Interrupted as stop:
+        words = " ".join(shlex.quote(w) for w in args.overrides)
+        print(f"ppsearch launch: {stop}; resume with: ppsearch launch {hidden_password(words)}".rstrip(), file=sys.stderr)
+        sys.exit(130 if stop.signal_name == "SIGINT" else 143)
+    except KeyboardInterrupt:  # a second signal: at once
+        print("ppsearch launch: stopped at once; running trials resume on the next launch", file=sys.stderr)
+        sys.exit(130)
     front = query.front(config)
-    print(f"study {config.name}: {summary['trials']} trials in {summary['seconds'] / 60:.1f} min; "
+    print(f"study {config.name}: {summary['trials']} results in {summary['seconds'] / 60:.1f} min; "
           f"front ({len(front)} trials, GMACs per sample, speed-up over the base):\n{_front_text(front)}")
     if len(front):
         trial = query.pick_trial(front, "knee")
@@ -169,21 +181,79 @@ def _front_text(table) -> str:
 
 def cmd_status(args):
     from . import query
-    from .store import STATES, hidden_password
 
     config = _study_from_args(args.overrides)
-    table = query.trials(config)
+    with query.open_study(config) as view:
+        table, front, lease = view.trials(), view.front(), view.lease()
     counts = table.state.value_counts()
+    states = ("COMPLETE", "FAIL", "RUNNING", "PRUNED", "WAITING")
     print(f"study {config.name} in {hidden_password(config.storage)}: {len(table)} trials, "
-          + ", ".join(f"{counts.get(state, 0)} {state}" for state in STATES))
-    front = query.front(config)
+          + ", ".join(f"{counts.get(state, 0)} {state}" for state in states if counts.get(state, 0) or state in states[:3]))
+    print(f"driver: {lease.describe()}" if lease else "driver: none running"
+          + ("; the RUNNING trials were interrupted and resume on the next launch" if counts.get("RUNNING") else ""))
+    pruned = table[table.state == "PRUNED"]
+    if not pruned.empty:
+        reasons = pruned.reason.fillna("?").str.replace(r" \d+$", " N", regex=True).str.replace(
+            r"\(.*\)", "", regex=True).str.strip().value_counts()
+        print("pruned (never run): " + ", ".join(f"{n} {reason}" for reason, n in reasons.items()))
     print(f"front ({len(front)} trials):\n{_front_text(front)}")
     failed = table[table.state == "FAIL"].sort_values("trial")
     if not failed.empty:
         print(f"failed ({len(failed)}):")
     for r in failed.itertuples():
         error = r.error.strip().splitlines()[0] if isinstance(r.error, str) and r.error.strip() else "no message"
-        print(f"  trial {r.trial} {r.schedule} ({r.attempts} attempts): {error}")
+        attempts = int(r.attempts) if r.attempts == r.attempts and r.attempts is not None else 1
+        print(f"  trial {r.trial} {r.schedule} ({attempts} attempt{'s' if attempts != 1 else ''}): {error}")
+
+
+def cmd_show(args):
+    from . import query
+
+    config = _study_from_args(args.overrides)
+    with query.open_study(config) as view:
+        table = view.trials()
+    rows = table[table.trial == args.trial]
+    if rows.empty:
+        raise query.QueryError(f"study {config.name!r} has no trial {args.trial}; its trials are numbered 0 to "
+                               f"{len(table) - 1}")
+    print(_trial_text(rows.iloc[0]))
+
+
+def _sparkline(values) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    low, high = min(values), max(values)
+    return "".join(bars[int((v - low) / ((high - low) or 1) * (len(bars) - 1))] for v in values)
+
+
+def _trial_text(r) -> str:
+    """One trial as a person reads it."""
+    lines = [f"trial {r.trial}: {r.schedule}  [{r.state}]" + (f"  baseline {r.baseline}" if isinstance(r.baseline, str) else "")]
+    if r.gmacs == r.gmacs:
+        lines.append(f"  compute   {r.gmacs:.4g} GMACs per sample ({r.speedup:.2f}x faster than the base)")
+    if r.fid == r.fid:
+        details = r.fid_details or {}
+        lines.append(f"  FID       {r.fid:.2f} +- {r.fid_std or 0:.2f} ({details.get('num_samples', '?')} samples, "
+                     f"{details.get('extractor', '?')})")
+    if isinstance(r.losses, list) and r.losses:
+        losses = [loss for _, loss in r.losses]
+        lines.append(f"  loss      {losses[0]:.4f} -> {losses[-1]:.4f} over {int(r.losses[-1][0])} steps  "
+                     f"{_sparkline(losses[:: max(1, len(losses) // 40)])}")
+    if isinstance(r.timings, dict) and r.timings:
+        lines.append("  seconds   " + ", ".join(f"{k} {v:.1f}" for k, v in r.timings.items()))
+    for label, value in (("attempts", r.attempts), ("worker", r.worker), ("reason", r.reason),
+                         ("stopped", r.interrupted), ("error", r.error)):
+        if isinstance(value, numbers.Number) and value == value:
+            lines.append(f"  {label:<9} {int(value) if float(value).is_integer() else value}")
+        elif isinstance(value, str):
+            lines.append(f"  {label:<9} " + "\n            ".join(value.strip().splitlines()))
+    if isinstance(r.log_tail, list) and r.log_tail:
+        lines.append("  last log lines:")
+        lines += [f"    {line}" for line in r.log_tail]
+    folder = r.checkpoint if isinstance(r.checkpoint, str) else r.folder
+    if isinstance(folder, str):
+        lines.append(f"  files     {folder} (model.safetensors, samples.png, trial.log; on the worker "
+                     f"{str(r.worker).split(':')[0] if isinstance(r.worker, str) else 'that ran it'})")
+    return "\n".join(lines)
 
 
 def cmd_front(args):
@@ -294,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=study_words)
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("show", help="one trial: schedule, FID with noise, losses, timings, error, its files")
+    p.add_argument("trial", type=int, help="the trial's number")
+    p.add_argument("overrides", nargs="*", help=study_words)
+    p.set_defaults(func=cmd_show)
+
     p = sub.add_parser("front", help="a study's Pareto front: schedule, GMACs, speed-up, FID +- noise")
     p.add_argument("--max-gmacs", type=float, help="only front trials with at most this many GMACs per sample")
     p.add_argument("--max-fid", type=float, help="only front trials with at most this FID")
@@ -355,12 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from .errors import PPSearchError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ppsearch {args.command}: error: {err}", file=sys.stderr)
+    except PPSearchError as err:  # a user's mistake or a missing resource; anything else is a bug
+        print(f"ppsearch {args.command}: error: {_clipped(str(err))}", file=sys.stderr)
         sys.exit(2)
+
+
+def _clipped(text: str, limit: int = 400) -> str:
+    """One line of at most ``limit`` characters: a 100,000-character schedule is not echoed."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else f"{line[:limit]}... ({len(line)} characters)"
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ checked against dataclasses, so a typo fails at start with the key's name."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import PPSearchError
 from .data import DataConfig
 from .fid import FIDConfig
 
@@ -19,8 +21,17 @@ _SINGULAR = {"trainers": "trainer", "search_spaces": "search space", "studies": 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PPSearchError):
     """A configuration that cannot be used: unknown name, unknown key, wrong type."""
+
+
+def setting(default=None, *, low=None, high=None, above=None, choices=None, factory=None):
+    """A config field with its allowed values, checked when the config loads (``low`` and
+    ``high`` inclusive, ``above`` exclusive); None passes where the field may be None."""
+    metadata = {k: v for k, v in dict(low=low, high=high, above=above, choices=choices).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -28,12 +39,17 @@ class EvalConfig:
     """How a variant is sampled and scored. Seeds and labels are fixed, so every trial of a
     study is scored on the same noise and classes (common random numbers)."""
 
-    num_samples: int = 1000
-    batch_size: int = 500
-    steps: int = 20
-    solver: str = "euler"
-    guidance: float = 1.0  # for stages whose guidance the schedule leaves open
+    num_samples: int = setting(1000, low=10)  # FID of fewer samples means nothing
+    batch_size: int = setting(500, low=1)
+    steps: int = setting(20, low=1)
+    solver: str = setting("euler", choices=("euler", "heun"))
+    guidance: float = setting(1.0, low=0.0)  # for stages whose guidance the schedule leaves open
     seed: int = 0
+    # Latent datasets: the VAE that decodes samples and the image folder FID's reference is drawn
+    # from (None: those the latents were made with, from their meta.json). The images are read
+    # only when the reference statistics are not cached yet.
+    vae: str | None = None
+    reference_images: str | None = None
     fid: FIDConfig = field(default_factory=FIDConfig)
 
 
@@ -47,22 +63,23 @@ class TrainerConfig:
     model: str = "T/2"  # size (XL/2) or official name (SiT-XL/2, DiT-XL/2), used when training from scratch
     model_name: str | None = None  # official checkpoint name (e.g. SiT-XL/2) when base is one
     data: DataConfig = field(default_factory=DataConfig)
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999  # warmed up as min(decay, step / (step + 10)); 0: no EMA
-    class_dropout_prob: float = 0.1
+    steps: int = setting(300, low=1)
+    batch_size: int = setting(64, low=1)
+    lr: float = setting(1e-4, above=0.0)
+    weight_decay: float = setting(0.0, low=0.0)
+    warmup_steps: int = setting(0, low=0)
+    grad_clip: float | None = setting(1.0, above=0.0)
+    ema_decay: float = setting(0.999, low=0.0, high=1.0)  # warmed up as min(decay, step / (step + 10)); 0: no EMA
+    class_dropout_prob: float = setting(0.1, low=0.0, high=1.0)
     packed: bool = False
     bf16: bool = False
     compile: bool = False
     seed: int = 0
-    device: str = "auto"  # auto: cuda when available
-    threads: int | None = None  # CPU threads (None: torch's default)
-    log_every: int = 50
-    checkpoint_every: int = 0  # 0: only at the end
+    device: str = "auto"  # auto: cuda when available; cpu, cuda, cuda:N
+    threads: int | None = setting(None, low=1)  # CPU threads (None: torch's default)
+    log_every: int = setting(50, low=0)
+    checkpoint_every: int = setting(0, low=0)  # 0: only at the end
+    keep_train_state: bool = True  # keep the optimiser state at the end (to resume or train on)
     out_dir: str = "runs/train"
     progress: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -74,9 +91,9 @@ class SearchSpaceConfig:
 
     stage_counts: list[int] = field(default_factory=lambda: [1, 2, 3])
     patch_shapes: list[str] = field(default_factory=lambda: ["2x2", "2x4", "4x2", "4x4", "8x8"])
-    boundary_min: float = 0.1  # inner stage boundaries lie on this grid
-    boundary_max: float = 0.95
-    boundary_step: float = 0.05
+    boundary_min: float = setting(0.1, above=0.0, high=1.0)  # inner stage boundaries lie on this grid
+    boundary_max: float = setting(0.95, above=0.0, high=1.0)
+    boundary_step: float = setting(0.05, above=0.0, high=1.0)
     guidance_scales: list[float] = field(default_factory=lambda: [1.0])  # per stage
     pin_last_to_base: bool = True  # the last stage (nearest the data) uses the base patch
 
@@ -87,10 +104,13 @@ class RayConfig:
     stopped by the command."""
 
     address: str | None = None
-    num_cpus_per_trial: float = 1.0
-    num_gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None  # None: as many as the resources allow
-    max_retries: int = 2  # a worker or node death re-runs the trial this often
+    num_cpus_per_trial: float = setting(1.0, low=0.0)
+    num_gpus_per_trial: float = setting(0.0, low=0.0)
+    max_concurrent: int | None = setting(None, low=1)  # None: as many as the resources allow
+    max_retries: int = setting(2, low=0)  # a worker or node death re-runs the trial this often
+    trial_timeout: float | None = setting(None, above=0.0)  # seconds; a trial running longer fails
+    # Passed to ray.init: environment variables (PPSEARCH_CACHE, say), pip packages, working_dir.
+    runtime_env: dict[str, Any] | None = None
 
 
 @dataclass
@@ -99,19 +119,44 @@ class StudyConfig:
 
     name: str = "toy"
     storage: str = "sqlite:///ppsearch.db"  # any SQLAlchemy URL
-    sampler: str = "tpe"  # tpe | nsga2 | random | gp
-    n_trials: int = 12  # the trial budget, baselines included
-    max_gmacs: float | None = None  # GMACs budget per sample; proposals above it never run
+    sampler: str = setting("tpe", choices=("tpe", "nsga2", "random", "gp", "grid"))
+    n_trials: int = setting(12, low=1)  # the trial budget: results (COMPLETE or FAIL), baselines included
+    max_gmacs: float | None = setting(None, above=0.0)  # GMACs budget per sample; proposals above it never run
     seed: int = 0
-    baselines: bool = True  # enqueue the base, PPF-2 and PPF-3 first
+    baselines: bool = True  # run the base, PPF-2 and PPF-3 first
     checkpoint_dir: str = "runs/checkpoints"
     export_dir: str = "exports"
-    # What a worker runs for one trial: f(trainer, schedule_text, out_dir) -> result dict.
+    lease_timeout: float = setting(120.0, above=0.0)  # s without a heartbeat before a driver's lease is stale
+    database_retry_seconds: float = setting(600.0, low=0.0)  # how long a failing database write is retried
+    on_interrupt: str = setting("cancel", choices=("cancel", "finish"))  # running trials on SIGINT / SIGTERM
+    # What a worker runs for one trial: f(trainer, schedule_text, out_dir, shared) -> result dict.
     # Benchmarks and tests of the orchestration put a stand-in here.
     trial_function: str = "ppsearch.trial:run_trial"
     ray: RayConfig = field(default_factory=RayConfig)
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def check_ranges(config, where: str, prefix: str = "") -> None:
+    """Raise ConfigError naming the first field of ``config`` (a dataclass, checked recursively)
+    whose value its ``setting`` does not allow."""
+    for f in fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            check_ranges(value, where, f"{key}.")
+            continue
+        rules = f.metadata
+        if value is None or not rules:
+            continue
+        bad = (("choices" in rules and value not in rules["choices"])
+               or ("low" in rules and value < rules["low"]) or ("high" in rules and value > rules["high"])
+               or ("above" in rules and value <= rules["above"]))
+        if bad:
+            allowed = ("one of " + ", ".join(map(str, rules["choices"]))) if "choices" in rules else " and ".join(
+                text for text in (f">= {rules['low']:g}" if "low" in rules else "",
+                                  f"> {rules['above']:g}" if "above" in rules else "",
+                                  f"<= {rules['high']:g}" if "high" in rules else "") if text)
+            raise ConfigError(f"{where}: {key} is {value!r}; it must be {allowed}")
 
 
 def typed(schema: type[T], data: Any, where: str, overrides: list[str] = ()) -> T:
@@ -120,12 +165,15 @@ def typed(schema: type[T], data: Any, where: str, overrides: list[str] = ()) -> 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         for key, value in _parse_overrides(overrides):
-            OmegaConf.update(merged, key, value, merge=True)
-        return OmegaConf.to_object(merged)
+            # merging into a null mapping fails in OmegaConf; replace it instead
+            OmegaConf.update(merged, key, value, merge=OmegaConf.select(merged, key) is not None)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         message = str(err).splitlines()[0]
         raise ConfigError(f"{where}: {message}" + (f" (key '{key}')" if key and key not in message else "")) from None
+    check_ranges(config, where)
+    return config
 
 
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -179,7 +227,7 @@ def compose(group: str, name_or_path: str, choices: list[str] = ()):
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             return hydra_compose(config_name=config_name, overrides=list(choices))
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"bad config {name_or_path}: {str(err).splitlines()[0]}") from None
 
 

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .errors import MissingFileError, PPSearchError
+
 DIGITS_SPLITS = ("train", "reference")
 _REFERENCE_EVERY = 5
 _DIGITS_SIDE = 28
 
 
-class DatasetError(ValueError):
+class DatasetError(PPSearchError):
     """A data config that names no usable dataset, with the reason."""
 
 
@@ -111,7 +113,7 @@ def load_dataset(config: DataConfig, split: str) -> Dataset:
         if config.path is None:
             raise DatasetError("data.name=latents needs data.path, the folder of latent shards")
         if not Path(config.path).exists():
-            raise FileNotFoundError(f"data.path {config.path} does not exist (latent shards expected there)")
+            raise MissingFileError(f"data.path {config.path} does not exist (latent shards expected there)")
         from .latents import LatentShards
 
         dataset = LatentShards(config.path, split)

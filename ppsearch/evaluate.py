@@ -10,7 +10,7 @@ import torch
 
 from .config import EvalConfig
 from .data import DataConfig, load_dataset
-from .fid import FID, FIDResult
+from .fid import FID, FIDResult, ReferenceStats
 from .flops import sample_cost
 from .flow import SamplerConfig, fixed_noise, sample
 from .schedule import Schedule
@@ -38,28 +38,44 @@ def fixed_labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
     return labels[torch.randperm(num, generator=torch.Generator().manual_seed(seed))]
 
 
+def _reference(config: EvalConfig, data: DataConfig, stats: ReferenceStats | None = None):
+    """The FID against the study's reference set, and the dataset the samples imitate. For
+    latents the reference is real images drawn with the evaluation's seed from the folder the
+    latents were made from (``config.reference_images`` if set); its key names that folder's
+    file list, the seed and the count, so cached statistics are used without reading an image."""
+    if data.name == "latents":
+        latents = load_dataset(data, "train")
+        images = lambda: latents.reference_images(config.num_samples, seed=config.seed,  # noqa: E731
+                                                  images=config.reference_images)
+        key = f"{data.name}-{latents.meta['files_sha256'][:12]}-seed{config.seed}"
+        return FID(config.fid, images, key, stats, trust_key=True), latents
+    dataset = load_dataset(data, "reference")
+    return FID(config.fid, dataset, f"{data.name}-reference-{data.resolution}", stats), dataset
+
+
+def reference_statistics(config: EvalConfig, data: DataConfig) -> ReferenceStats:
+    """The study's FID reference statistics (cached, or computed once): what the driver shares
+    with every trial, so that no worker reads the reference images."""
+    return _reference(config, data)[0].reference_stats
+
+
 class Evaluator:
     """Scores variants of one dataset on the same noise and labels.
 
-    Built once per worker: reference statistics come from the cache, the VAE (for latents)
-    is loaded once; a bad FID setting fails here, before any sampling."""
+    Built once per worker: reference statistics are given (``reference``, from the driver) or
+    come from the cache, the VAE (for latents) is loaded once; a bad FID setting fails here,
+    before any sampling."""
 
-    def __init__(self, config: EvalConfig, data: DataConfig, device: torch.device):
+    def __init__(self, config: EvalConfig, data: DataConfig, device: torch.device,
+                 reference: ReferenceStats | None = None):
         self.config, self.device = config, torch.device(device)
         self.vae = None
+        self.fid, dataset = _reference(config, data, reference)
         if data.name == "latents":
             from .latents import decode_latents, load_vae
 
-            # Real images, drawn from the folder the latents were made from, are the reference.
-            latents = load_dataset(data, "train")
-            self.vae = load_vae(latents.meta["vae"], self.device)
-            self._decode = lambda z: decode_latents(self.vae, z, latents.scale_factor, latents.shift_factor)
-            images = latents.reference_images(config.num_samples, seed=config.seed)  # uint8, as FID takes them
-            key, dataset = f"{data.name}-{latents.meta['files_sha256'][:12]}", latents
-        else:
-            images = dataset = load_dataset(data, "reference")
-            key = f"{data.name}-reference-{data.resolution}"
-        self.fid = FID(config.fid, images, key)
+            self.vae = load_vae(config.vae or dataset.meta["vae"], self.device)
+            self._decode = lambda z: decode_latents(self.vae, z, dataset.scale_factor, dataset.shift_factor)
         self.shape, self.num_classes = dataset.shape, dataset.num_classes
         self.noise = fixed_noise(config.num_samples, self.shape, config.seed)
         self.labels = fixed_labels(config.num_samples, self.num_classes, config.seed)
@@ -101,8 +117,22 @@ class Evaluator:
                           sampling_seconds, time.perf_counter() - start)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 10) -> None:
-    """A PNG grid of images in [-1, 1]."""
-    from torchvision.utils import save_image
+def save_grid(images: torch.Tensor, path, title: str | None = None, nrow: int = 10, min_cell: int = 64) -> None:
+    """A PNG grid of images in [-1, 1], each cell at least ``min_cell`` pixels (small images are
+    enlarged without smoothing), under a line saying what made them."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
-    save_image((images[: nrow * nrow] + 1) / 2, str(path), nrow=nrow)
+    cells = images[: nrow * nrow].float().clamp(-1, 1)
+    scale = max(1, -(-min_cell // cells.shape[-1]))
+    cells = torch.nn.functional.interpolate(cells, scale_factor=scale, mode="nearest") if scale > 1 else cells
+    grid = make_grid((cells + 1) / 2, nrow=nrow, padding=2 * scale, pad_value=1.0)
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB")
+    if title:
+        band = 28
+        framed = Image.new("RGB", (picture.width, picture.height + band), "white")
+        framed.paste(picture, (0, band))
+        ImageDraw.Draw(framed).text((8, 8), title, fill="black")
+        picture = framed
+    picture.save(str(path))

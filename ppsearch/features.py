@@ -20,6 +20,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from .data import load_digits, resize
+from .errors import MissingFileError, PPSearchError
 
 EXTRACTOR_NAME = "ppsearch-digits"
 DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
@@ -28,7 +29,7 @@ FEATURES = 128
 NUM_CLASSES = 10
 
 
-class FeatureWeightsError(ValueError):
+class FeatureWeightsError(PPSearchError):
     """A feature extractor weights file that cannot be used, with the reason."""
 
 
@@ -87,7 +88,7 @@ def train_digits_classifier(epochs: int = 12, batch_size: int = 64, lr: float = 
     with its accuracy on the reference split. Deterministic for a seed; the global RNG is
     left as it was."""
     if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+        raise PPSearchError(f"epochs must be at least 1, got {epochs}")
     train, reference = load_digits("train"), load_digits("reference")
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -139,7 +140,7 @@ def load_digits_classifier(path: str | Path | None = None) -> DigitsClassifier:
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"digits classifier weights not found: {path} (make them with `ppsearch features --out`)")
+        raise MissingFileError(f"digits classifier weights not found: {path} (make them with `ppsearch features --out`)")
     try:
         state = load_file(str(path))
     except Exception as err:  # foreign or corrupt file: one clear line, whatever safetensors raised

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import MissingFileError, PPSearchError
+
 EXTRACTORS = {"digits": "ppsearch-digits", "inception": "inception-v3-compat"}
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
-class FIDError(ValueError):
+class FIDError(PPSearchError):
     """An FID setting or input that cannot be used, with the reason."""
 
 
@@ -76,16 +78,16 @@ class FIDConfig:
                                f"copy of {INCEPTION_WEIGHTS_FILE} (pytorch-fid's Inception weights); "
                                f"ppsearch never downloads it")
             if not Path(path).is_file():
-                raise FileNotFoundError(f"feature_extractor_weights_path {path} does not exist "
+                raise MissingFileError(f"feature_extractor_weights_path {path} does not exist "
                                         f"(expected {INCEPTION_WEIGHTS_FILE}, pytorch-fid's Inception weights)")
             return Path(path)
         from .features import DEFAULT_WEIGHTS
 
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"feature_extractor_weights_path {path} does not exist "
+            raise MissingFileError(f"feature_extractor_weights_path {path} does not exist "
                                     f"(digits classifier weights from `ppsearch features --out`)")
         if not path and not DEFAULT_WEIGHTS.is_file():
-            raise FileNotFoundError(f"the shipped digits classifier weights {DEFAULT_WEIGHTS} are missing; "
+            raise MissingFileError(f"the shipped digits classifier weights {DEFAULT_WEIGHTS} are missing; "
                                     f"reinstall ppsearch or set feature_extractor_weights_path")
         return Path(path) if path else DEFAULT_WEIGHTS
 
@@ -141,12 +143,32 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+@dataclass
+class ReferenceStats:
+    """The reference side of FID, computed once (by the driver) and shared with every trial:
+    mean and covariance of the reference features, and what they were computed with."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    reference_key: str
+    reference_samples: int
+    reference_shape: tuple[int, ...]
+    extractor_fingerprint: str
+    feature_layer: str
+
+
 class FID:
     """FID of samples against one reference set, whose statistics are computed once (or
-    read from the cache) when this is built. The extractor and its weights are checked here,
-    so a bad setting fails before any sampling."""
+    read from the cache, or given as ``stats``) when this is built. The extractor and its
+    weights are checked here, so a bad setting fails before any sampling.
 
-    def __init__(self, config: FIDConfig, reference: torch.Tensor | Dataset, dataset_key: str):
+    ``reference``: the reference images (a tensor or dataset), or a function returning them.
+    ``trust_key``: the dataset key names the reference's content (a file list's hash, a seed),
+    so a cache file of the same key, extractor and count is used without reading the images;
+    otherwise the images are hashed and a cache file is used only when the hash matches."""
+
+    def __init__(self, config: FIDConfig, reference, dataset_key: str, stats: ReferenceStats | None = None,
+                 trust_key: bool = False):
         import torch_fidelity
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
         from torch_fidelity.utils import create_feature_extractor
@@ -173,6 +195,13 @@ class FID:
             raise FIDError(f"{weights} does not hold {name} weights: {lines[min(1, len(lines) - 1)][:160]}") from None
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.extractor.to(self.device)
+        if stats is not None and (stats.extractor_fingerprint, stats.feature_layer) == (
+                self._extractor_fingerprint, self.feature_layer):
+            self.mu, self.sigma, self.stats_from_cache = stats.mu, stats.sigma, True
+            self.reference_key, self.reference_samples = stats.reference_key, stats.reference_samples
+            self.reference_shape = tuple(stats.reference_shape)
+            return
+        reference = reference() if callable(reference) else reference
         self.reference_samples = len(reference)
         if self.reference_samples < 2:
             raise FIDError(f"FID needs at least 2 reference images, got {self.reference_samples}")
@@ -182,7 +211,12 @@ class FID:
         self.reference_key = f"{_safe(dataset_key)}-{name}-{self.feature_layer}-{shape}-n{self.reference_samples}"
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.cache_path = cache_dir / f"{self.reference_key}.safetensors"
-        self.mu, self.sigma, self.stats_from_cache = self._reference_stats(reference)
+        self.mu, self.sigma, self.stats_from_cache = self._reference_stats(reference, trust_key)
+
+    @property
+    def reference_stats(self) -> ReferenceStats:
+        return ReferenceStats(self.mu, self.sigma, self.reference_key, self.reference_samples, self.reference_shape,
+                              self._extractor_fingerprint, self.feature_layer)
 
     # -- features and statistics ---------------------------------------------------------------
 
@@ -239,7 +273,7 @@ class FID:
         return fid_statistics_to_metric({"mu": mu, "sigma": sigma}, {"mu": self.mu, "sigma": self.sigma},
                                         verbose=False)[KEY_METRIC_FID]
 
-    def _reference_stats(self, reference):
+    def _reference_stats(self, reference, trust_key: bool):
         """Mean and covariance of the reference features, and whether they came from the cache.
         A cache file is only trusted once the reference's hash matches, so without one the
         hash and the features are computed in a single pass."""
@@ -248,6 +282,8 @@ class FID:
         batches = lambda: _image_batches(reference, self.config.batch_size)  # noqa: E731
         digest = hashlib.sha256()
         cached = _read_stats(self.cache_path)
+        if cached is not None and trust_key and all(cached[2].get(k) == v for k, v in expected.items()):
+            return cached[0], cached[1], True
         if cached is not None:
             for batch in batches():
                 digest.update(self._input(batch).contiguous().numpy().tobytes())

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import PPSearchError
 from .schedule import PatchShape, Schedule
 
 
@@ -173,7 +174,7 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.solver not in ("euler", "heun"):
-            raise ValueError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
+            raise PPSearchError(f"solver must be 'euler' or 'heun', got {self.solver!r}")
         if not isinstance(self.steps, int):
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
 
@@ -189,10 +190,10 @@ def steps_per_stage(schedule: Schedule, steps: int | Sequence[int]) -> list[int]
     if not isinstance(steps, int):
         steps = list(steps)
         if len(steps) != n or min(steps) < 1:
-            raise ValueError(f"need one positive step count per stage ({n}), got {steps}")
+            raise PPSearchError(f"need one positive step count per stage ({n}), got {steps}")
         return steps
     if steps < n:
-        raise ValueError(f"{steps} steps cannot cover {n} stages (at least one step each)")
+        raise PPSearchError(f"{steps} steps cannot cover {n} stages (at least one step each)")
     exact = [steps * s.length for s in schedule.stages]
     counts = [math.floor(e) for e in exact]
     by_remainder = sorted(range(n), key=lambda i: (counts[i] - exact[i], i))

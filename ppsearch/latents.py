@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import PPSearchError
+
 SD_SCALE_FACTOR = 0.18215
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FORMAT = "ppsearch-latents/1"
@@ -33,7 +35,7 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16"}
 _VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class LatentsError(ValueError):
+class LatentsError(PPSearchError):
     """An image folder, VAE or latent dataset that cannot be used, with the reason."""
 
 

@@ -22,6 +22,7 @@ try:  # FlashAttention over variable-length sequences (CUDA, half precision; PyT
 except ImportError:
     varlen_attn = None
 
+from .errors import PPSearchError
 from .schedule import PatchShape, ScheduleError
 
 
@@ -592,7 +593,7 @@ def build_named(text: str, **kwargs) -> PPFlowDiT:
     """A model (random weights) of the size ``text`` names; ``kwargs`` go to PPFlowConfig."""
     name = parse_model_name(text)
     if name is None:
-        raise ValueError(f"unknown model {text!r}: a size ({', '.join(PPFlow_models)}), an official name "
+        raise PPSearchError(f"unknown model {text!r}: a size ({', '.join(PPFlow_models)}), an official name "
                          f"(SiT-XL/2, DiT-XL/2) or an official checkpoint file name (DiT-XL-2-256x256.pt)")
     defaults = {"prediction": name.prediction, "input_size": name.input_size}
     return PPFlow_models[name.key](**{**{k: v for k, v in defaults.items() if v is not None}, **kwargs})

@@ -5,36 +5,86 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 
+from .errors import PPSearchError
 from .config import StudyConfig, to_yaml, typed
-from .store import Store, hidden_password
+from .errors import PPSearchError
+from .store import DatabaseUnreachable, LeaseInfo, Retry, Store, engine_options, hidden_password
 
 # First the columns a user reads, then the rest of the table.
 COLUMNS = ["trial", "schedule", "baseline", "gmacs", "speedup", "fid", "fid_std", "state", "checkpoint"]
-CONFIG_ATTR = "ppsearch_config"  # the Optuna study user attribute holding dataclasses.asdict(StudyConfig)
+# Trial user attributes the table shows as columns of their own (the driver writes them).
+_ATTRS = ["relative_gmacs", "fid_details", "timings", "final_loss", "losses", "attempts", "worker", "error",
+          "log_tail", "reason", "repeat_of", "interrupted", "folder", "settings"]
 
 
-class QueryError(ValueError):
+class QueryError(PPSearchError):
     """A question the study cannot answer: unknown study or trial, a trial that is not
     COMPLETE, a bad pick."""
 
 
+@dataclass
+class StudyView:
+    """A study opened for reading: Optuna's study and ppsearch's row (configuration, lease)."""
+
+    name: str
+    url: str
+    study: optuna.Study
+    store: Store
+    study_id: int
+
+    def trials(self) -> pd.DataFrame:
+        """Every trial, one row each, by trial number: COLUMNS, then the trial's other records."""
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            attrs = t.user_attrs
+            complete = t.state.name == "COMPLETE" and t.values is not None
+            row = {"trial": t.number, "schedule": attrs.get("schedule"), "baseline": attrs.get("baseline"),
+                   "gmacs": t.values[0] if complete else attrs.get("gmacs"),
+                   "fid": t.values[1] if complete else None, "fid_std": attrs.get("fid_std"),
+                   "state": t.state.name, "checkpoint": attrs.get("checkpoint"),
+                   **{key: attrs.get(key) for key in _ATTRS},
+                   "started": t.datetime_start, "finished": t.datetime_complete}
+            rows.append(row)
+        table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "speedup"] + _ATTRS + ["started", "finished"])
+        table = table.astype({"gmacs": float, "fid": float, "fid_std": float, "relative_gmacs": float})
+        return _view(table).sort_values("trial", ignore_index=True)
+
+    def front(self) -> pd.DataFrame:
+        """Optuna's ``best_trials``, by increasing GMACs (repeats are PRUNED, so never in it)."""
+        numbers = {t.number for t in self.study.best_trials}
+        table = self.trials()
+        return _view(table[table.trial.isin(numbers)])
+
+    def config(self) -> StudyConfig:
+        stored = self.store.config(self.study_id)
+        if stored is None:
+            raise QueryError(f"study {self.name!r} holds no ppsearch configuration: was it made by ppsearch launch?")
+        return typed(StudyConfig, stored, f"stored configuration of study {self.name}")
+
+    def lease(self) -> LeaseInfo | None:
+        return self.store.lease(self.study_id)
+
+
 def trials(config_or_url: StudyConfig | str, study_name: str | None = None) -> pd.DataFrame:
-    """Every trial of the study, by increasing GMACs; ``speedup`` is over the base schedule."""
-    with _open(config_or_url, study_name) as (store, name):
-        return _view(store.trials(name))
+    """Every trial of the study (every state: a repeat or a proposal over the GMACs budget is
+    PRUNED with its ``reason``), by increasing GMACs; ``speedup`` is over the base schedule."""
+    with open_study(config_or_url, study_name) as view:
+        return _view(view.trials())
 
 
 def front(config_or_url: StudyConfig | str, study_name: str | None = None,
           max_gmacs: float | None = None, max_fid: float | None = None) -> pd.DataFrame:
-    """The study's Pareto front (minimum GMACs and FID), by increasing GMACs, optionally cut
-    to ``gmacs <= max_gmacs`` and ``fid <= max_fid``."""
-    with _open(config_or_url, study_name) as (store, name):
-        table = _view(store.front(name))
+    """The study's Pareto front (Optuna's ``best_trials``: minimum GMACs and FID), by increasing
+    GMACs, optionally cut to ``gmacs <= max_gmacs`` and ``fid <= max_fid``."""
+    with open_study(config_or_url, study_name) as view:
+        table = view.front()
     if max_gmacs is not None:
         table = table[table.gmacs <= max_gmacs]
     if max_fid is not None:
@@ -77,10 +127,9 @@ def export_trial(config_or_url: StudyConfig | str, study_name: str | None = None
     """Write the study's trainer config with the schedule of one COMPLETE trial (a number, or
     ``pick_trial(front(...), how)``) as a ``trainers/``-shaped YAML that ``ppsearch train``
     runs; by default to ``<export_dir>/<study>-trial<N>.yaml``. Returns the path."""
-    url, name = _source(config_or_url, study_name)
-    with _open(url, name) as (store, name):
-        row = _complete_trial(_view(store.trials(name)), trial, name)
-    config = stored_config(url, name)
+    with open_study(config_or_url, study_name) as view:
+        row = _complete_trial(view.trials(), trial, view.name)
+        config, name = view.config(), view.name
     trainer = config.trainer
     trainer.schedule = row.schedule  # its per-stage guidance is part of the text
     trainer.out_dir = f"runs/{name}-trial{trial}"
@@ -93,19 +142,9 @@ def export_trial(config_or_url: StudyConfig | str, study_name: str | None = None
 
 
 def stored_config(url: str, study_name: str) -> StudyConfig:
-    """The configuration the study was launched with (its Optuna user attribute)."""
-    import optuna
-
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
-    except KeyError:
-        raise QueryError(f"no Optuna study {study_name!r} in {hidden_password(url)}") from None
-    finally:
-        storage.engine.dispose()
-    if CONFIG_ATTR not in attrs:
-        raise QueryError(f"study {study_name!r} holds no ppsearch configuration: was it made by ppsearch launch?")
-    return typed(StudyConfig, attrs[CONFIG_ATTR], f"stored configuration of study {study_name}")
+    """The configuration the study was launched with."""
+    with open_study(url, study_name) as view:
+        return view.config()
 
 
 def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out: str | Path) -> Path:
@@ -115,9 +154,9 @@ def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out
     from matplotlib.figure import Figure  # Figure, not pyplot: the Agg canvas, no GUI, no global state
     from matplotlib.ticker import MaxNLocator
 
-    with _open(config_or_url, study_name) as (store, name):
-        done = store.trials(name).query("state == 'COMPLETE'")  # in trial order, for the history
-        front_table = _view(store.front(name))
+    with open_study(config_or_url, study_name) as view:
+        done = view.trials().query("state == 'COMPLETE'")  # in trial order, for the history
+        front_table, name = view.front(), view.name
     if done.empty:
         raise QueryError(f"study {name!r} has no COMPLETE trial to plot yet")
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -142,11 +181,21 @@ def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out
     return out
 
 
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """Area dominated by ``points`` (both objectives minimised) and bounded by ``reference``:
+    exact, in two dimensions a sum of rectangles along the front."""
+    inside = points[(points < reference).all(axis=1)]
+    area, lowest = 0.0, float(reference[1])
+    for x, y in inside[np.lexsort((inside[:, 1], inside[:, 0]))]:
+        if y < lowest:
+            area += (reference[0] - x) * (lowest - y)
+            lowest = y
+    return area
+
+
 def hypervolume_history(points: np.ndarray, reference: np.ndarray) -> list[float]:
     """Hypervolume (both objectives minimised) of ``points[:k + 1]``, for each k."""
-    from optuna._hypervolume import compute_hypervolume  # Optuna's exact hypervolume
-
-    return [compute_hypervolume(points[:k + 1], reference) for k in range(len(points))]
+    return [hypervolume(points[:k + 1], reference) for k in range(len(points))]
 
 
 def _source(config_or_url: StudyConfig | str, study_name: str | None) -> tuple[str, str]:
@@ -158,17 +207,34 @@ def _source(config_or_url: StudyConfig | str, study_name: str | None) -> tuple[s
 
 
 @contextmanager
-def _open(config_or_url: StudyConfig | str, study_name: str | None):
+def open_study(config_or_url: StudyConfig | str, study_name: str | None = None, retry_seconds: float = 0.0):
+    """The study for reading, as a StudyView. A database that does not answer is one line
+    ("database unreachable"), after ``retry_seconds`` of retries."""
     url, name = _source(config_or_url, study_name)
-    with Store(url, must_exist=True) as store:
-        present = store.studies()
-        if name not in present:
-            raise QueryError(f"no study {name!r} in {store.url}; studies present: {', '.join(present) or 'none'}")
-        yield store, name
+    retry = Retry(url, retry_seconds, lambda line: None)
+    with retry(lambda: Store(url, must_exist=True), "opening the study database") as store:
+        storage = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url),
+                                                           skip_table_creation=True), "opening Optuna's storage")
+        try:
+            present = retry(lambda: optuna.get_all_study_names(storage), "listing the studies")
+            if name not in present:
+                raise QueryError(f"no study {name!r} in {store.url}; studies present: {', '.join(present) or 'none'}")
+            study = retry(lambda: optuna.load_study(study_name=name, storage=storage), "loading the study")
+            yield StudyView(name, url, study, store, storage.get_study_id_from_name(name))
+        except DatabaseUnreachable:
+            raise
+        except Exception as err:
+            from .store import transient
+
+            if transient(err):
+                raise DatabaseUnreachable(f"database {hidden_password(url)} unreachable") from None
+            raise
+        finally:
+            storage.engine.dispose()
 
 
 def _view(table: pd.DataFrame) -> pd.DataFrame:
-    view = table.assign(speedup=1.0 / table.relative_gmacs)
+    view = table.drop(columns=["speedup"], errors="ignore").assign(speedup=1.0 / table.relative_gmacs)
     rest = [c for c in view.columns if c not in COLUMNS]
     return view[COLUMNS + rest].sort_values(["gmacs", "fid", "trial"], ignore_index=True)
 

@@ -19,8 +19,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .errors import PPSearchError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(PPSearchError):
     """A schedule that cannot be used, with the reason in the message."""
 
 

@@ -1,18 +1,31 @@
-"""The search driver. One process owns the Optuna study (ask / tell; the only writer of the
-database); every trial runs as a Ray task. Killing the driver loses no finished trial: the
-next ``launch`` of the same study fails the trials it left RUNNING, queues their schedules
-again and goes on until the trial budget is spent."""
+"""The search driver. One process per study holds the study's lease and owns the Optuna study
+(ask / tell: the only writer); every trial runs on a runner (Ray tasks, ``ppsearch.runners``).
+
+The Optuna study is the one record of every trial: its values (GMACs, FID) and, as user
+attributes, its schedule, folder, timings, FID noise and details, loss history, attempts and
+error. A proposal that repeats a schedule already scored (or running) is told PRUNED with
+``repeat_of``, as Optuna's FAQ advises for duplicates, so it is never a second front point.
+
+Killing the driver loses nothing: its trials stay RUNNING, and the next ``launch`` (once the
+dead driver's lease is stale) starts them again under the same trial numbers, in the same
+folders, keyed by the study's unique id and the schedule, where they resume their checkpoints
+or return the result they had already written. The budget counts results (COMPLETE, or FAIL of
+the trial's own error) under the study's current settings, never attempts.
+"""
 from __future__ import annotations
 
-import importlib
+import hashlib
 import json
 import math
-import os
+import re
+import signal
+import threading
 import time
+import uuid
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -20,70 +33,172 @@ from optuna.trial import TrialState
 
 from .config import ConfigError, StudyConfig
 from .data import load_dataset
+from .errors import PPSearchError
+from .evaluate import reference_statistics
 from .flops import sample_cost
 from .flow import SamplerConfig
-from .query import CONFIG_ATTR
+from .runners import InlineRunner, RayRunner, Shared, TrialRunner, WorkerLost
 from .schedule import Schedule
 from .space import SearchSpace, baselines
-from .store import Store, TrialRecord, hidden_password
+from .store import Retry, Store, StoreError, config_json, engine_options, hidden_password, new_uid
 from .train import base_model
 
-# Settings that decide what a trial's numbers mean: a study cannot change them on resume.
-_FIXED = ("search_space", "trainer")
+__all__ = ["Driver", "InlineRunner", "RayRunner", "make_sampler", "paths_made_absolute", "trial_folder"]
+
+# Settings that decide what a trial's numbers mean: a study cannot change them once one of its
+# trials is COMPLETE (before that, a relaunch may correct them).
+FIXED = ("search_space", "trainer")
 _MAX_IDLE_PROPOSALS = 200  # proposals in a row that add no new schedule: the space is spent
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # ppsearch logs each trial itself
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # TPE's group, metric names
 
 
+class StudyFailed(PPSearchError):
+    """Every trial of the study failed, for one reason."""
+
+
+class Interrupted(Exception):
+    """The driver was asked to stop (SIGINT, SIGTERM) and did; the study resumes on launch."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for ``name``. TPE is multivariate with grouping, which models the
-    conditional space (parameters that exist for some stage counts only) jointly; ``grid``
-    walks every point of the space's parameter grid once, in a seeded random order."""
+    conditional space (parameters that exist for some stage counts only) jointly. ``grid``
+    proposes every distinct schedule of the space once, in a seeded random order: the driver
+    enqueues them; the random sampler underneath is never consulted."""
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=5)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
-    if name == "random":
+    if name in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    if name == "grid":
-        return AskTellGridSampler(space.grid_search_space(), seed=seed)
     raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp, grid")
 
 
-class AskTellGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler for a study driven by ask and tell: the driver stops at the end of
-    the grid itself (the stock sampler calls ``Study.stop``, which works inside ``optimize`` only)."""
+def trial_folder(checkpoint_dir: str, study_name: str, study_uid: str, schedule: str) -> Path:
+    """Where a trial's files live: keyed by the study's unique id and the schedule, so a study
+    never reads another's files and a trial started again finds its own."""
+    slug = schedule.replace(",", "_").replace(":", "-")
+    if len(slug) > 100 or not re.fullmatch(r"[A-Za-z0-9@._-]+", slug):
+        slug = f"{re.sub(r'[^A-Za-z0-9@._-]+', '_', slug)[:80]}-{hashlib.sha256(schedule.encode()).hexdigest()[:12]}"
+    return Path(checkpoint_dir) / f"{study_name}-{study_uid[:8]}" / slug
 
-    def after_trial(self, study, trial, state, values):
-        pass
+
+def _absolute(path: str | None) -> str | None:
+    return None if path in (None, "", "embedded") else str(Path(path).expanduser().resolve())
 
 
-@dataclass
-class Proposal:
-    trial: optuna.trial.Trial
-    schedule: Schedule
-    baseline: str | None
+def paths_made_absolute(config: StudyConfig) -> StudyConfig:
+    """Paths of the config made absolute on the driver, so every worker reads the same ones
+    whatever its working folder (a SQLite storage's file included)."""
+    trainer = config.trainer
+    config.checkpoint_dir, config.export_dir = _absolute(config.checkpoint_dir), _absolute(config.export_dir)
+    trainer.base = _absolute(trainer.base) if trainer.base not in (None, "embedded") else trainer.base
+    trainer.data.path = _absolute(trainer.data.path)
+    trainer.eval.vae, trainer.eval.reference_images = _absolute(trainer.eval.vae), _absolute(trainer.eval.reference_images)
+    fid = trainer.eval.fid
+    fid.feature_extractor_weights_path, fid.cache_dir = _absolute(fid.feature_extractor_weights_path), _absolute(fid.cache_dir)
+    match = re.fullmatch(r"(sqlite(?:\+\w+)?:///)([^?]+)(\?.*)?", config.storage)
+    if match and match[2] != ":memory:" and not match[2].startswith("/"):
+        config.storage = f"{match[1]}{_absolute(match[2])}{match[3] or ''}"
+    return config
+
+
+def settings_key(config: StudyConfig) -> str:
+    """A short hash of the settings that decide what a trial's numbers mean."""
+    data = config_json(config)
+    return hashlib.sha256(json.dumps({k: data[k] for k in FIXED}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two JSON-like configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new))
+                for line in differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def _error_line(err: BaseException) -> str:
     """One line for a failed trial: the original exception inside Ray's wrapper."""
     cause = getattr(err, "cause", None) or err
+    if type(cause).__name__ == "TrialFailed":
+        return str(cause)[:500]
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+@dataclass
+class Running:
+    """A trial on a runner."""
+
+    number: int
+    trial_id: int
+    schedule: str
+    baseline: str | None
+    folder: str
+    started: float
+    attempts: int = 1
+
+
+@dataclass
+class Loop:
+    """What the driver's loop keeps between steps."""
+
+    slots: int
+    shared: Shared
+    running: dict[Any, Running] = field(default_factory=dict)  # runner handle -> trial
+    done: dict[str, int] = field(default_factory=dict)  # schedule -> the trial that scored it (or failed)
+    counted: int = 0  # results under the current settings: COMPLETE, or FAIL of the trial's own error
+    idle: int = 0  # proposals in a row that added nothing
+    grid: list[Schedule] | None = None  # schedules the grid sampler has left to propose
+    baselines_done: bool = False
+    durations: list[float] = field(default_factory=list)
+    stop: str | None = None  # the signal that asked the driver to stop
+    last_progress: tuple = ()
+    last_log: float = 0.0
+
+
+class Heartbeat(threading.Thread):
+    """Renews the driver's lease every quarter of its timeout, whatever the driver is doing
+    (starting Ray, waiting for trials); ``check`` raises in the driver if the lease was lost."""
+
+    def __init__(self, store: Store, study_id: int, holder: str, timeout: float, retry: Retry):
+        super().__init__(daemon=True, name="ppsearch-lease")
+        self.store, self.study_id, self.holder, self.retry = store, study_id, holder, retry
+        self.interval, self.failure, self.stopped = min(10.0, timeout / 4), None, threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            try:
+                self.retry(lambda: self.store.renew(self.study_id, self.holder), "renewing the lease")
+            except StoreError as err:
+                self.failure = err
+                return
+
+    def check(self):
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self):
+        self.stopped.set()
 
 
 class Driver:
     """Runs (or resumes) one study to its trial budget."""
 
-    def __init__(self, config: StudyConfig, log=print, runner: TrialRunner | None = None):
-        self.config, self.log = config, log
+    def __init__(self, config: StudyConfig, log: Callable[[str], None] = print, runner: TrialRunner | None = None):
+        self.config, self.log = paths_made_absolute(config), log
         trainer = config.trainer
         data = load_dataset(trainer.data, "train")  # header only for latent shards
-        model_config = base_model(trainer, data.shape, data.num_classes).config
-        self.model_config = model_config
-        self.space = SearchSpace(config.search_space, model_config.base_patch, model_config.input_size,
+        self.base = base_model(trainer, data.shape, data.num_classes)
+        self.model_config = self.base.config
+        self.space = SearchSpace(config.search_space, self.model_config.base_patch, self.model_config.input_size,
                                  trainer.eval.guidance)
         self.sampler_config = SamplerConfig(steps=trainer.eval.steps, solver=trainer.eval.solver,
                                             guidance=trainer.eval.guidance)
@@ -91,296 +206,356 @@ class Driver:
         if trainer.eval.steps < most:
             raise ConfigError(f"trainer.eval.steps is {trainer.eval.steps}, fewer than the {most} stages a schedule "
                               f"may have (each stage needs a solver step)")
+        if trainer.eval.fid.num_splits > 1 and trainer.eval.num_samples < 2 * trainer.eval.fid.num_splits:
+            raise ConfigError(f"trainer.eval.num_samples is {trainer.eval.num_samples}; FID's noise estimate over "
+                              f"{trainer.eval.fid.num_splits} splits needs at least {2 * trainer.eval.fid.num_splits}")
         trainer.eval.fid.check()  # a missing Inception file fails now, not in every worker
-        self.runner = runner or RayRunner(config)
-        self.store = Store(config.storage)
-        self.study = optuna.create_study(
-            study_name=config.name, storage=config.storage, directions=["minimize", "minimize"],
-            sampler=make_sampler(config.sampler, config.seed, self.space), load_if_exists=True)
-        # Seeded by the trials so far: a resumed study must not replay its earlier launches' proposals.
-        self.study.sampler = make_sampler(config.sampler, config.seed + len(self.study.get_trials(deepcopy=False)),
-                                          self.space)
-        self.study.set_metric_names(["gmacs", "fid"])
-        self._check_settings()
-
-    # -- study bookkeeping -----------------------------------------------------------
-    def _check_settings(self):
-        stored = self.study.user_attrs.get(CONFIG_ATTR)
-        current = json.loads(json.dumps(asdict(self.config)))
-        current["storage"] = hidden_password(self.config.storage)  # the database keeps no password
-        if stored:
-            changed = [k for k in _FIXED if stored.get(k) != current[k]]
-            if changed:
-                raise ConfigError(f"study {self.config.name!r} was run with other {' and '.join(changed)} settings; "
-                                  f"resume it with the same ones or start a new study name")
-        self.study.set_user_attr(CONFIG_ATTR, current)
-
-    def _counted(self) -> int:
-        """Trials that spent the budget: trained, finished or failed on their own."""
-        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("counted"))
-
-    def _recover(self):
-        """Fail the trials a dead driver left RUNNING and queue their schedules again."""
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the driver stopped")
-            self.study.tell(trial.number, state=TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"baseline": trial.user_attrs.get("baseline"),
-                                                               "retry_of": trial.number})
-            self._save(trial.number, trial._trial_id, trial.user_attrs.get("schedule", "?"), "FAIL",
-                       trial.user_attrs.get("baseline"), error="interrupted: the driver stopped; re-queued")
-            self.log(f"trial {trial.number} was left running by a stopped driver: failed, schedule re-queued")
-
-    def _enqueue_baselines(self):
-        if self.study.user_attrs.get("baselines_enqueued") or not self.config.baselines:
-            return
-        for name, schedule in baselines(self.model_config.base_patch).items():
-            params = self.space.params(schedule)
-            if params is None:
-                self.log(f"baseline {name} ({schedule}) is outside the search space; skipped")
-                continue
-            self.study.enqueue_trial(params, user_attrs={"baseline": name})
-        self.study.set_user_attr("baselines_enqueued", True)
-
-    def _save(self, number, trial_id, schedule, state, baseline, result=None, error=None, gmacs=None, **extra):
-        result = result or {}
-        self.store.save(TrialRecord(
-            study_name=self.config.name, trial_number=number, trial_id=trial_id, schedule=str(schedule),
-            state=state, baseline=baseline, gmacs=result.get("gmacs", gmacs),
-            relative_gmacs=result.get("relative_gmacs"), fid=result.get("fid"), fid_std=result.get("fid_std"),
-            fid_details=result.get("fid_details", {}), timings=result.get("timings", {}),
-            checkpoint=result.get("checkpoint"), error=error, worker=result.get("worker"), **extra))
-
-    # -- proposals -------------------------------------------------------------------
-    def _ask(self) -> Proposal:
-        trial = self.study.ask()
-        schedule = self.space.suggest(trial)
-        trial.set_user_attr("schedule", str(schedule))
-        gmacs = sample_cost(self.model_config, schedule, self.sampler_config).gmacs
-        trial.set_user_attr("gmacs", gmacs)
-        return Proposal(trial, schedule, trial.user_attrs.get("baseline"))
-
-    def _over_budget(self, proposal: Proposal) -> bool:
-        gmacs = proposal.trial.user_attrs["gmacs"]
-        if self.config.max_gmacs is None or gmacs <= self.config.max_gmacs:
-            return False
-        proposal.trial.set_user_attr("error", f"over the GMACs budget ({gmacs:.4g} > {self.config.max_gmacs:.4g})")
-        self.study.tell(proposal.trial, state=TrialState.PRUNED)
-        return True
-
-    def _tell_repeat(self, proposal: Proposal, original: optuna.trial.FrozenTrial):
-        """A schedule evaluated before: its numbers again, no training."""
-        proposal.trial.set_user_attr("duplicate_of", original.number)
-        self.study.tell(proposal.trial, original.values)
-
-    # -- the loop --------------------------------------------------------------------
-    def run(self) -> dict:
-        self._recover()
-        self._enqueue_baselines()
-        slots = self.runner.start()
-        budget = self.config.n_trials
-        pending: dict = {}  # runner handle -> (proposal, started)
-        waiting: dict[str, list[Proposal]] = {}  # repeats of a running schedule
-        durations, idle, last_log = [], 0, 0.0  # idle: proposals in a row that added nothing
-        started = time.perf_counter()
-        # Kept up to date here rather than read from the study at each step: a study scan costs
-        # O(trials), and this loop would run several per trial.
-        trials = self.study.get_trials(deepcopy=False)
-        counted = sum(1 for t in trials if t.user_attrs.get("counted"))
-        done = {t.user_attrs["schedule"]: t for t in trials
-                if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs}
-        # A grid is finite: the search stops asking once every grid point has been proposed.
-        grid = isinstance(self.study.sampler, optuna.samplers.GridSampler)
-        grid_left = (math.prod(len(v) for v in self.space.grid_search_space().values())
-                     - sum(1 for t in trials if "grid_id" in t.system_attrs)) if grid else math.inf
+        self._check_export_dir()
+        self.runner = runner or RayRunner(config, log)
+        self.retry = Retry(config.storage, config.database_retry_seconds, log)
+        self.store = self.retry(lambda: Store(config.storage), "opening the study database")
+        self.storage = self.retry(lambda: optuna.storages.RDBStorage(
+            config.storage, engine_kwargs=engine_options(config.storage)), "opening Optuna's storage")
+        self.study = self.retry(lambda: optuna.create_study(
+            study_name=config.name, storage=self.storage, directions=["minimize", "minimize"], load_if_exists=True),
+            "creating the study")
+        self.study_id = self.storage.get_study_id_from_name(config.name)
+        self.holder, self.stop_signal, self.handle_signals = uuid.uuid4().hex, None, False
+        stale = self.retry(lambda: self.store.acquire(self.study_id, config.name, self.holder, config.lease_timeout),
+                           "taking the study's lease")
+        if stale:
+            log(f"took over the lease of a driver that stopped answering ({stale.describe()})")
+        self.heartbeat = Heartbeat(self.store, self.study_id, self.holder, config.lease_timeout,
+                                   Retry(config.storage, config.database_retry_seconds, log))
+        self.heartbeat.start()
         try:
+            self._identify()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- identity and settings ---------------------------------------------------------------------
+    def _identify(self):
+        """The study's unique id (new for a new study, even one reusing a name) and its settings,
+        checked against those it was run with."""
+        config, study = self.config, self.study
+        self.uid = study.user_attrs.get("ppsearch_uid")
+        stored = self.store.config(self.study_id) if self.uid == self.store.study_uid(self.study_id) else None
+        current = config_json(config)
+        current["storage"] = hidden_password(config.storage)  # the database keeps no password
+        if self.uid is None:
+            self.uid = new_uid()
+            self.retry(lambda: study.set_user_attr("ppsearch_uid", self.uid), "naming the study")
+        if stored:
+            changed = [line for key in FIXED for line in differences(stored.get(key), current[key], f"{key}.")]
+            if changed and self._has_complete():
+                raise ConfigError(f"study {config.name!r} was run with other settings ({'; '.join(changed)}); "
+                                  f"resume it with the same ones or start a new study name")
+            if changed:
+                self.log(f"study {config.name!r} has no COMPLETE trial yet: its settings are replaced "
+                         f"({'; '.join(changed)})")
+        self.settings = settings_key(config)
+        self.retry(lambda: self.store.set_identity(self.study_id, self.uid, current), "storing the settings")
+        self.retry(lambda: study.set_metric_names(["gmacs", "fid"]), "naming the objectives")
+        # Seeded by the trials so far: a resumed study must not replay its earlier launches' proposals.
+        trials = self._trials()
+        self.study.sampler = make_sampler(config.sampler, config.seed + len(trials), self.space)
+
+    def _has_complete(self) -> bool:
+        return any(t.state == TrialState.COMPLETE for t in self._trials())
+
+    def _check_export_dir(self):
+        folder = Path(self.config.export_dir)
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"export_dir {folder} cannot be made: {existing} is a file")
+        probe = existing or Path.cwd()
+        import os
+
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"export_dir {folder} is not writable ({probe})")
+
+    def _trials(self, states=None) -> list[optuna.trial.FrozenTrial]:
+        return self.retry(lambda: self.study.get_trials(deepcopy=False, states=states), "reading the trials")
+
+    def _ours(self, trial) -> bool:
+        """Whether a trial ran under the study's current settings."""
+        return trial.user_attrs.get("settings") == self.settings
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.perf_counter()
+        try:
+            loop = self._start()
             while True:
-                running = {str(p.schedule) for p, _ in pending.values()}
-                while (len(pending) < slots and counted + len(pending) < budget and grid_left > 0
-                       and (grid or idle < _MAX_IDLE_PROPOSALS)):
-                    proposal = self._ask()
-                    text = str(proposal.schedule)
-                    idle += 1
-                    if grid and "grid_id" in self.study._storage.get_trial_system_attrs(proposal.trial._trial_id):
-                        grid_left -= 1
-                    if text in done:
-                        self._tell_repeat(proposal, done[text])
-                    elif text in running:
-                        waiting.setdefault(text, []).append(proposal)
-                    elif not self._over_budget(proposal):
-                        idle = 0
-                        out_dir = Path(self.config.checkpoint_dir) / self.config.name / f"trial_{proposal.trial.number}"
-                        handle = self.runner.submit(self.config.trainer, text, str(out_dir))
-                        pending[handle] = (proposal, time.perf_counter())
-                        running.add(text)
-                        self._save(proposal.trial.number, proposal.trial._trial_id, text, "RUNNING",
-                                   proposal.baseline, gmacs=proposal.trial.user_attrs["gmacs"])
-                if not pending:
+                loop.stop = self.stop_signal
+                self.heartbeat.check()
+                if not loop.stop:
+                    self._fill(loop)
+                if not loop.running:
                     break
-                for handle in self.runner.wait(list(pending), timeout=10.0):
-                    proposal, t0 = pending.pop(handle)
-                    durations.append(time.perf_counter() - t0)
-                    counted += 1
-                    finished = self._finish(proposal, handle, waiting.pop(str(proposal.schedule), []))
-                    if finished:
-                        done[str(proposal.schedule)] = finished
-                if time.perf_counter() - last_log > 30:
-                    last_log = time.perf_counter()
-                    self._progress(len(pending), durations, slots, budget)
+                self._collect(loop, timeout=5.0)
+                self._check_timeouts(loop)
+                self._progress(loop)
+                if loop.stop and self.config.on_interrupt == "cancel":
+                    self._cancel_all(loop)
+                    break
+            self._finish_run(loop)
         finally:
             self.runner.close()
-        if grid_left == 0:
-            self.log("the grid is spent: every one of its points was proposed")
-        elif not grid and idle >= _MAX_IDLE_PROPOSALS:
-            self.log(f"the search space is spent: {_MAX_IDLE_PROPOSALS} proposals in a row added no new schedule")
-        return {"trials": self._counted(), "seconds": time.perf_counter() - started,
-                "front": self.store.update_front(self.config.name)}
+            self._release()
+        return {"trials": loop.counted, "seconds": time.perf_counter() - started, "front": self.front_numbers()}
 
-    def _finish(self, proposal: Proposal, handle, repeats: list[Proposal]) -> optuna.trial.FrozenTrial | None:
-        """Tell the trial's result (and its repeats'); the finished trial when COMPLETE."""
-        trial, text = proposal.trial, str(proposal.schedule)
-        trial.set_user_attr("counted", True)
-        try:
-            result = self.runner.result(handle)
-        except Exception as err:  # the trial's own error, or its worker's death after the retries
-            message = _error_line(err)
-            trial.set_user_attr("error", message)
-            # ppsearch's row first: a driver killed in between leaves an Optuna RUNNING trial,
-            # which the next launch recovers; the other order could leave a RUNNING row for ever.
-            self._save(trial.number, trial._trial_id, text, "FAIL", proposal.baseline,
-                       gmacs=trial.user_attrs["gmacs"], error=message)
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.log(f"trial {trial.number} {text} failed: {message}")
-            for repeat in repeats:  # they would fail alike; their proposals count for nothing
-                repeat.trial.set_user_attr("error", f"repeat of trial {trial.number}, which failed: {message}")
-                self.study.tell(repeat.trial, state=TrialState.FAIL)
+    def request_stop(self, signal_name: str) -> None:
+        """Stop asking for trials; running ones are cancelled or finish (``on_interrupt``)."""
+        self.stop_signal = signal_name
+
+    def _start(self) -> Loop:
+        slots = self.runner.start()
+        if self.handle_signals:  # again: Ray puts its own handlers in place when it starts
+            install_signal_handlers(self)
+        trainer = self.config.trainer
+        params = sum(p.numel() for p in self.base.parameters())
+        need = params * 4 * (2 if not trainer.keep_train_state else 5)  # EMA (+ model, 2 AdamW moments)
+        problem = self.runner.probe(trainer, self.config.checkpoint_dir, need)
+        if problem:
+            raise ConfigError(f"a worker cannot run trials: {problem}")
+        shared = self.runner.share({"base": self.base, "reference": reference_statistics(trainer.eval, trainer.data)})
+        loop = Loop(slots=slots, shared=shared)
+        trials = self._trials()
+        for t in trials:
+            if t.state in (TrialState.COMPLETE, TrialState.FAIL) and self._ours(t):
+                loop.done.setdefault(t.user_attrs["schedule"], t.number)
+                loop.counted += 1
+        if self.config.sampler == "grid":
+            order = self.space.schedules()
+            import random
+
+            random.Random(self.config.seed).shuffle(order)
+            tried = {t.user_attrs.get("schedule") for t in trials if self._ours(t)}
+            loop.grid = [s for s in order if str(s) not in tried]
+        for t in trials:  # left RUNNING by a driver that stopped: start them again, same numbers
+            if t.state == TrialState.RUNNING:
+                self._resume(loop, t)
+        return loop
+
+    def _resume(self, loop: Loop, trial):
+        text = trial.user_attrs.get("schedule")
+        if text is None or not self._ours(trial) or text in loop.done:
+            reason = ("a proposal the driver left unfinished" if text is None else
+                      f"repeat of trial {loop.done[text]}" if text in loop.done else "made under other settings")
+            self._prune(trial.number, reason)
+            return
+        self.log(f"trial {trial.number} {text} was left running by a stopped driver: starting it again")
+        attempts = int(trial.user_attrs.get("attempts", 1)) + 1
+        self._submit(loop, trial.number, text, trial.user_attrs.get("baseline"), attempts)
+
+    # -- filling free slots --------------------------------------------------------------------------
+    def _fill(self, loop: Loop):
+        while (len(loop.running) < loop.slots and loop.counted + len(loop.running) < self.config.n_trials
+               and loop.idle < _MAX_IDLE_PROPOSALS and loop.grid != [] and not self.stop_signal):
+            number, trial_id, schedule, baseline = self._propose(loop)
+            text = str(schedule)
+            loop.idle += 1
+            running = {r.schedule: r.number for r in loop.running.values()}
+            if text in loop.done or text in running:
+                self._prune(number, f"repeat of trial {loop.done.get(text, running.get(text))}",
+                            repeat_of=loop.done.get(text, running.get(text)))
+            elif not self._within_gmacs_budget(number, trial_id):
+                continue
+            else:
+                loop.idle = 0
+                self._submit(loop, number, text, baseline, 1)
+
+    def _propose(self, loop: Loop):
+        """Ask the study for a trial: the next missing baseline or grid schedule first (enqueued
+        just before the ask, so no WAITING trial outlives the launch), else the sampler's choice."""
+        fixed = self._next_fixed(loop)
+        if fixed is not None:
+            params, attrs = fixed
+            self.retry(lambda: self.study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False),
+                       "queueing a schedule")
+        trial = self.retry(self.study.ask, "asking for a trial")
+        schedule = self.space.suggest(trial)
+        text = str(schedule)
+        cost = sample_cost(self.model_config, schedule, self.sampler_config)
+        base = sample_cost(self.model_config, Schedule.from_stages([self.model_config.base_patch]), self.sampler_config)
+        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text)
+        for key, value in {"schedule": text, "gmacs": cost.gmacs, "relative_gmacs": cost.macs / base.macs,
+                           "settings": self.settings, "folder": str(folder)}.items():
+            self.retry(lambda: trial.set_user_attr(key, value), "describing a trial")
+        return trial.number, self._trial_id(trial.number), schedule, trial.user_attrs.get("baseline")
+
+    def _next_fixed(self, loop: Loop):
+        if loop.grid:
+            return self.space.params(loop.grid.pop()), {}
+        if not self.config.baselines or loop.baselines_done:
             return None
-        for key in ("fid_std", "checkpoint", "timings"):
-            trial.set_user_attr(key, result[key])
-        self._save(trial.number, trial._trial_id, text, "COMPLETE", proposal.baseline, result)
-        self.study.tell(trial, [result["gmacs"], result["fid"]])
-        front = self.store.update_front(self.config.name)
-        self.log(f"trial {trial.number} {text}{f' ({proposal.baseline})' if proposal.baseline else ''}: "
-                 f"FID {result['fid']:.2f} +- {result['fid_std']:.2f}, {result['gmacs']:.4g} GMACs "
+        tried = {t.user_attrs.get("schedule") for t in self._trials() if self._ours(t)}
+        for name, schedule in baselines(self.model_config.base_patch).items():
+            params = self.space.params(schedule)
+            if str(schedule) not in tried and params is not None:
+                return params, {"baseline": name}
+        for name, schedule in baselines(self.model_config.base_patch).items():
+            if self.space.params(schedule) is None:
+                self.log(f"baseline {name} ({schedule}) is outside the search space; skipped")
+        loop.baselines_done = True
+        return None
+
+    def _within_gmacs_budget(self, number: int, trial_id: int) -> bool:
+        gmacs = self.storage.get_trial_user_attrs(trial_id)["gmacs"]
+        if self.config.max_gmacs is None or gmacs <= self.config.max_gmacs:
+            return True
+        self._prune(number, f"over the GMACs budget ({gmacs:.4g} > {self.config.max_gmacs:.4g})")
+        return False
+
+    def _submit(self, loop: Loop, number: int, text: str, baseline: str | None, attempts: int):
+        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text)
+        self._set(number, "attempts", attempts)
+        handle = self.runner.submit(self.config.trainer, text, str(folder), loop.shared)
+        loop.running[handle] = Running(number, self._trial_id(number), text, baseline, str(folder),
+                                       time.perf_counter(), attempts)
+
+    # -- collecting finished trials ------------------------------------------------------------------
+    def _collect(self, loop: Loop, timeout: float):
+        for handle in self.runner.wait(list(loop.running), timeout=timeout):
+            trial = loop.running.pop(handle)
+            try:
+                result = self.runner.result(handle)
+            except WorkerLost as err:
+                if trial.attempts <= self.config.ray.max_retries:
+                    self.log(f"trial {trial.number} {trial.schedule}: its worker died ({err}); attempt "
+                             f"{trial.attempts + 1} of {self.config.ray.max_retries + 1}")
+                    self._submit(loop, trial.number, trial.schedule, trial.baseline, trial.attempts + 1)
+                    continue
+                self._fail(loop, trial, f"{err} (after {trial.attempts} attempts)")
+                continue
+            except Exception as err:  # the trial's own error
+                self._fail(loop, trial, _error_line(err), getattr(getattr(err, "cause", err), "log_tail", None))
+                continue
+            self._complete(loop, trial, result)
+
+    def _complete(self, loop: Loop, trial: Running, result: dict):
+        loop.durations.append(time.perf_counter() - trial.started)
+        for key in ("fid_std", "fid_details", "timings", "checkpoint", "final_loss", "losses", "worker"):
+            if key in result:
+                self._set(trial.number, key, result[key])
+        self.retry(lambda: self.study.tell(trial.number, [result["gmacs"], result["fid"]], skip_if_finished=True),
+                   "telling a result")
+        loop.done[trial.schedule] = trial.number
+        loop.counted += 1
+        front = self.front_numbers()
+        self.log(f"trial {trial.number} {trial.schedule}{f' ({trial.baseline})' if trial.baseline else ''}: "
+                 f"FID {result['fid']:.2f} +- {result['fid_std'] or 0:.2f}, {result['gmacs']:.4g} GMACs "
                  f"({100 * result['relative_gmacs']:.0f}% of the base), {result['timings']['total']:.0f} s"
                  f"{' [front]' if trial.number in front else ''}")
-        original = self.study._storage.get_trial(trial._trial_id)
-        for repeat in repeats:
-            self._tell_repeat(repeat, original)
-        return original
 
-    def _progress(self, running: int, durations: list[float], slots: int, budget: int):
-        trials = self.study.get_trials(deepcopy=False)
-        complete = sum(1 for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs)
-        failed = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("counted"))
-        left = budget - self._counted() - running
-        eta = (left + running / 2) * (sum(durations) / len(durations)) / max(1, slots) if durations else float("nan")
-        best = self.store.front(self.config.name)
-        front = ", ".join(f"{r.schedule} {r.fid:.1f}" for r in best.itertuples()) if len(best) else "-"
-        self.log(f"[{self.config.name}] {complete} done, {running} running, {failed} failed of {budget} | "
-                 f"front: {front} | ETA {'?' if math.isnan(eta) else f'{eta / 60:.1f} min'}")
+    def _fail(self, loop: Loop, trial: Running, message: str, log_tail: list[str] | None = None):
+        self._set(trial.number, "error", message)
+        if log_tail:
+            self._set(trial.number, "log_tail", log_tail)
+        self.retry(lambda: self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
+                   "telling a failure")
+        loop.done[trial.schedule] = trial.number
+        loop.counted += 1
+        self.log(f"trial {trial.number} {trial.schedule} failed: {message}")
 
+    def _check_timeouts(self, loop: Loop):
+        limit = self.config.ray.trial_timeout
+        if not limit:
+            return
+        for handle, trial in list(loop.running.items()):
+            if time.perf_counter() - trial.started > limit:
+                self.runner.cancel(handle, force=True)
+                loop.running.pop(handle)
+                self._fail(loop, trial, f"timed out after {limit:g} s (ray.trial_timeout)")
 
-def _trial_function(path: str):
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"trial_function {path!r} is not an importable module:function") from None
+    def _cancel_all(self, loop: Loop):
+        for handle, trial in loop.running.items():
+            self.runner.cancel(handle, force=False)  # the trial saves a checkpoint, then stops
+            self._set(trial.number, "interrupted", f"{loop.stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        deadline = time.monotonic() + 30  # time to write those checkpoints before Ray goes
+        pending = list(loop.running)
+        while pending and time.monotonic() < deadline:
+            pending = [h for h in pending if h not in self.runner.wait(pending, timeout=1.0)]
 
+    def _finish_run(self, loop: Loop):
+        if loop.stop:
+            left = len(loop.running)
+            raise Interrupted(loop.stop, f"stopped by {loop.stop}: {left} running trial(s) cancelled (they resume "
+                                         f"from their checkpoints)" if left else
+                              f"stopped by {loop.stop} ({loop.counted} of {self.config.n_trials} results)")
+        for t in self._trials(states=(TrialState.WAITING, TrialState.RUNNING)):
+            self._prune(t.number, "not run: the search ended first")  # an unfinished proposal, never a ghost
+        if loop.grid == []:
+            self.log("the grid is spent: every schedule of the space was proposed")
+        elif loop.idle >= _MAX_IDLE_PROPOSALS:
+            self.log(f"the search space is spent: {_MAX_IDLE_PROPOSALS} proposals in a row added no new schedule")
+        ours = [t for t in self._trials() if self._ours(t) and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        if ours and all(t.state == TrialState.FAIL for t in ours):
+            reasons = {t.user_attrs.get("error", "?") for t in ours}
+            why = reasons.pop() if len(reasons) == 1 else f"{len(reasons)} different errors (ppsearch status lists them)"
+            raise StudyFailed(f"all {len(ours)} trials of study {self.config.name!r} failed: {why}; correct the "
+                              f"settings and launch again (a study with no COMPLETE trial takes new settings)")
 
-class TrialRunner(Protocol):
-    """Where the driver's trials run: ``start`` says how many at once, ``submit`` starts one
-    (``trial_function(trainer, schedule, out_dir)``) and returns a handle, ``wait`` gives the
-    handles that finished (at least one unless ``timeout`` seconds pass), ``result`` returns a
-    finished trial's result or raises its error, ``close`` lets go of the resources."""
+    # -- the study's records -------------------------------------------------------------------------
+    def _trial_id(self, number: int) -> int:
+        return self.retry(lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number),
+                          "finding a trial")
 
-    def start(self) -> int: ...
-    def submit(self, trainer, schedule: str, out_dir: str): ...
-    def wait(self, handles: list, timeout: float) -> list: ...
-    def result(self, handle) -> dict: ...
-    def close(self): ...
+    def _set(self, number: int, key: str, value):
+        trial_id = self._trial_id(number)
+        self.retry(lambda: self.storage.set_trial_user_attr(trial_id, key, value), f"recording a trial's {key}")
 
+    def _prune(self, number: int, reason: str, repeat_of: int | None = None):
+        self._set(number, "reason", reason)
+        if repeat_of is not None:
+            self._set(number, "repeat_of", repeat_of)
+        self.retry(lambda: self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True), "pruning a trial")
 
-class RayRunner:
-    """Trials as Ray tasks on a cluster (``ray.address``) or on a local one started here."""
+    def front_numbers(self) -> list[int]:
+        return sorted(t.number for t in self.retry(lambda: self.study.best_trials, "reading the front"))
 
-    def __init__(self, config: StudyConfig):
-        self.config, self.function = config, _trial_function(config.trial_function)
-
-    def start(self) -> int:
-        import ray
-
-        config = self.config
-        self.address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    # -- the lease and progress --------------------------------------------------------------------
+    def _release(self):
+        self.heartbeat.stop()
         try:
-            if self.address:
-                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
-            else:
-                ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                         configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ConfigError(f"cannot reach Ray at {self.address}: {str(err).splitlines()[0]}") from None
-        resources = ray.cluster_resources()
-        need_cpu, need_gpu = config.ray.num_cpus_per_trial, config.ray.num_gpus_per_trial
-        if need_gpu > resources.get("GPU", 0):
-            self.close()
-            raise ConfigError(f"ray.num_gpus_per_trial is {need_gpu:g} but the Ray cluster has "
-                              f"{resources.get('GPU', 0):g} GPUs; set ray.num_gpus_per_trial=0 to run on CPUs")
-        slots = int(resources.get("CPU", 1) // need_cpu) if need_cpu else 1
-        if need_gpu:
-            slots = min(slots, int(resources["GPU"] // need_gpu))
-        # max_calls=0 keeps GPU workers alive between trials, so each loads the base once.
-        self.remote = ray.remote(max_calls=0)(self.function).options(
-            num_cpus=need_cpu, num_gpus=need_gpu, max_retries=config.ray.max_retries)
-        return max(1, min(slots, config.ray.max_concurrent or slots))
+            Retry(self.config.storage, min(30.0, self.config.database_retry_seconds), self.log)(
+                lambda: self.store.release(self.study_id, self.holder), "releasing the lease")
+        except StoreError as err:
+            self.log(f"could not release the lease ({err}); the next launch takes it over after "
+                     f"{self.config.lease_timeout:g} s")
 
-    def submit(self, trainer, schedule, out_dir):
-        return self.remote.remote(trainer, schedule, out_dir)
-
-    def wait(self, handles, timeout):
-        import ray
-
-        return ray.wait(handles, num_returns=1, timeout=timeout)[0]
-
-    def result(self, handle):
-        import ray
-
-        return ray.get(handle)
-
-    def close(self):
-        import ray
-
-        if not self.address:
-            ray.shutdown()
+    def _progress(self, loop: Loop):
+        now = time.perf_counter()
+        if now - loop.last_log < 30:
+            return
+        loop.last_log = now
+        budget = self.config.n_trials
+        failed = sum(1 for t in self._trials(states=(TrialState.FAIL,)) if self._ours(t))
+        complete = loop.counted - failed
+        left = budget - loop.counted - len(loop.running)
+        mean = (sum(loop.durations) / len(loop.durations)) if loop.durations else None
+        eta = (math.ceil(left / max(1, loop.slots)) + 0.5) * mean if mean else None
+        best = self.retry(lambda: self.study.best_trials, "reading the front")
+        front = ", ".join(f"{t.user_attrs['schedule']} {t.values[1]:.1f}" for t in sorted(best, key=lambda t: t.values[0])) or "-"
+        state = (complete, len(loop.running), failed, front)
+        if state == loop.last_progress:
+            return
+        loop.last_progress = state
+        self.log(f"[{self.config.name}] {complete} done, {len(loop.running)} running, {failed} failed of {budget} | "
+                 f"front: {front} | ETA {f'{eta / 60:.1f} min' if eta else 'after the first trial'}")
 
 
-class InlineRunner:
-    """Trials run in the driver's process when submitted, ``slots`` of them pending at a time
-    and finishing in the order they were submitted: a deterministic study, for replaying a
-    sampler against a table of known results (bench/search_efficiency.py) or for debugging."""
-
-    def __init__(self, function, slots: int = 1):
-        self.function, self.slots, self.outcomes, self.count = function, slots, {}, 0
-
-    def start(self):
-        return self.slots
-
-    def submit(self, trainer, schedule, out_dir):
-        self.count += 1
-        try:
-            self.outcomes[self.count] = (self.function(trainer, schedule, out_dir), None)
-        except Exception as err:  # told as the trial's failure, as a Ray task's would be
-            self.outcomes[self.count] = (None, err)
-        return self.count
-
-    def wait(self, handles, timeout):
-        return [min(handles)]
-
-    def result(self, handle):
-        result, error = self.outcomes.pop(handle)
-        if error is not None:
-            raise error
-        return result
-
-    def close(self):
-        pass
+def install_signal_handlers(driver: Driver) -> None:
+    """First SIGINT / SIGTERM: the driver stops asking and winds down; a second one stops at once."""
+    driver.handle_signals = True
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if getattr(driver, "stop_signal", None):
+            raise KeyboardInterrupt(name)
+        driver.request_stop(name)
+        driver.log(f"{name}: stopping ({'cancelling' if driver.config.on_interrupt == 'cancel' else 'finishing'} "
+                   f"the running trials; {name} again to stop at once)")
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -4,8 +4,9 @@ For a stage count n (parameter ``stages``):
 - patches: ``patch_i`` for the n - 1 free stages (n when the last is not pinned to the base
   patch), each from the same fixed list; the stages take them coarsest first, so patch area
   never grows with t, whatever was drawn.
-- boundaries: ``boundary_i`` for i < n - 1, indices on the boundary grid; taken in increasing
-  order and pushed apart to distinct grid points, so they always increase strictly inside (0, 1).
+- boundaries: ``boundary_i`` for i < n - 1, times on the boundary grid (floats with the grid's
+  step, so Optuna's views show them as times); taken in increasing order and pushed apart to
+  distinct grid points, so they always increase strictly inside (0, 1).
 - guidance: ``cfg_i`` per stage from the allowed scales (absent when there is only one); a
   scale equal to the evaluation's default is left to the sampler (no ``:cfg`` in the text).
 Adjacent stages that end up with the same patch and guidance are merged, so equal schedules
@@ -13,11 +14,12 @@ have equal text and the driver can tell repeats from new ones.
 """
 from __future__ import annotations
 
+from .errors import PPSearchError
 from .config import SearchSpaceConfig
 from .schedule import PatchShape, Schedule, ScheduleError, Stage
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(PPSearchError):
     """A search space that cannot produce a valid schedule for this base."""
 
 
@@ -56,7 +58,9 @@ class SearchSpace:
         drawn = [PatchShape.parse(trial.suggest_categorical(f"patch_{i}", self.free_patches))
                  for i in range(self._free_stages(n))]
         patches = sorted(drawn, key=lambda p: -p.area) + ([self.base_patch] if self.config.pin_last_to_base else [])
-        indices = sorted(trial.suggest_int(f"boundary_{i}", 0, len(self.grid) - 1) for i in range(n - 1))
+        indices = sorted(self._grid_index(trial.suggest_float(f"boundary_{i}", self.grid[0], self.grid[-1],
+                                                              step=self.config.boundary_step))
+                         for i in range(n - 1))
         for i in range(1, len(indices)):  # push apart: strictly increasing grid points
             indices[i] = max(indices[i], indices[i - 1] + 1)
         for i in reversed(range(len(indices))):  # and back inside the grid
@@ -67,14 +71,16 @@ class SearchSpace:
         guidance = [None if g == self.default_guidance else g for g in guidance]
         return merged(Schedule.from_stages(patches, [self.grid[k] for k in indices], guidance))
 
+    def _grid_index(self, t: float) -> int:
+        return min(len(self.grid) - 1, max(0, round((t - self.grid[0]) / self.config.boundary_step)))
+
     def grid_search_space(self) -> dict[str, list]:
-        """Every parameter :meth:`suggest` may ask for, with all its values: Optuna's grid
-        sampler walks their product (parameters a stage count does not use are ignored, so
-        many grid points give the same schedule; the driver tells those repeats for free)."""
+        """Every parameter :meth:`suggest` may ask for, with all its values (parameters a stage
+        count does not use are ignored, so many points of their product give the same schedule)."""
         most = max(self.config.stage_counts)
         space = {"stages": list(self.config.stage_counts)}
         space.update({f"patch_{i}": list(self.free_patches) for i in range(self._free_stages(most))})
-        space.update({f"boundary_{i}": list(range(len(self.grid))) for i in range(most - 1)})
+        space.update({f"boundary_{i}": list(self.grid) for i in range(most - 1)})
         if len(self.config.guidance_scales) > 1:
             space.update({f"cfg_{i}": list(self.config.guidance_scales) for i in range(most)})
         return space
@@ -107,7 +113,7 @@ class SearchSpace:
         for i, t in enumerate(schedule.boundaries):
             if t not in self.grid:
                 return None
-            params[f"boundary_{i}"] = self.grid.index(t)
+            params[f"boundary_{i}"] = t
         for i, stage in enumerate(stages):
             scale = self.default_guidance if stage.guidance is None else stage.guidance
             if scale not in self.config.guidance_scales:

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,11 +80,28 @@ def postgres_server():
             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off", "start")
         _execute(f"postgresql://postgres@/postgres?host={root}&port={port}",
                  f"CREATE USER {USER} PASSWORD '{PASSWORD}' CREATEDB", f"CREATE DATABASE ppsearch OWNER {USER}")
-        yield f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/ppsearch"
+        url = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/ppsearch"
+        _restarts[port] = lambda pause: (run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop"),
+                                         time.sleep(pause),
+                                         run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+                                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                                             f"-c full_page_writes=off", "start"))
+        yield url
     finally:
+        _restarts.pop(port, None)
         if (data / "postmaster.pid").exists():
             run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+_restarts = {}  # port -> restart(pause) of the servers postgres_server runs
+
+
+def restart_server(url: str, pause: float = 0.2) -> None:
+    """Stop the server of ``url`` at once (as a crash would), wait ``pause`` seconds, start it again."""
+    from sqlalchemy.engine import make_url
+
+    _restarts[make_url(url).port](pause)
 
 
 @pytest.fixture(scope="session")

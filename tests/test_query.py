@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 from ppsearch import query
 from ppsearch.cli import main
 from ppsearch.config import load_study, load_trainer
-from ppsearch.store import Store, TrialRecord
+from ppsearch.store import Store, config_json
 from postgres import BACKENDS, PASSWORD, new_database
 
 NAME = "demo"
@@ -34,24 +34,37 @@ TRIALS = [
 
 
 def make_study(url, name=NAME, with_config=True):
-    """An Optuna study holding its configuration (as the driver stores it), and ppsearch rows
-    for TRIALS."""
+    """A study as the driver leaves it: TRIALS in Optuna (values, user attributes) and, unless
+    ``with_config`` is False, its configuration in ppsearch's table."""
     config = load_study("toy", [f"name={name}"])
     config.storage = url
     storage = optuna.storages.RDBStorage(url)
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"])
+    for number, (schedule, baseline, gmacs, fid, state) in enumerate(TRIALS):
+        attrs = {"schedule": schedule, "gmacs": gmacs, "relative_gmacs": gmacs, "attempts": 3 if state == "FAIL" else 1,
+                 "fid_details": {"extractor": "digits", "num_samples": 1000}, "timings": {"total": 12.0}}
+        if baseline:
+            attrs["baseline"] = baseline
+        if fid is not None:
+            attrs.update(fid_std=0.3, checkpoint=f"runs/{number}", losses=[[50, 0.5], [100, 0.3]], final_loss=0.3)
+        if state == "FAIL":
+            attrs.update(error="CUDA out of memory\nTraceback (most recent call last): ...",
+                         log_tail=["12:00:00 step 50/100 loss 0.5000", "12:00:01 failed: CUDA out of memory"])
+        if state == "RUNNING":
+            trial = study.ask()
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=getattr(optuna.trial.TrialState, state), values=[gmacs, fid] if state == "COMPLETE" else None,
+            user_attrs=attrs))
     if with_config:
-        study.set_user_attr(query.CONFIG_ATTR, dataclasses.asdict(config))
+        with Store(url) as store:
+            study_id = storage.get_study_id_from_name(name)
+            store.acquire(study_id, name, "maker", 60)
+            store.set_identity(study_id, "uid-" + name, config_json(config))
+            store.release(study_id, "maker")
     storage.engine.dispose()
-    with Store(url) as store:
-        for number, (schedule, baseline, gmacs, fid, state) in enumerate(TRIALS):
-            store.save(TrialRecord(
-                study_name=name, trial_number=number, trial_id=number + 1, schedule=schedule, state=state,
-                baseline=baseline, gmacs=gmacs, relative_gmacs=gmacs, fid=fid, fid_std=0.3 if fid else None,
-                fid_details={"extractor": "digits", "num_samples": 1000}, timings={"total": 12.0},
-                checkpoint=f"runs/{number}.safetensors" if state == "COMPLETE" else None,
-                error="CUDA out of memory\nTraceback (most recent call last): ..." if state == "FAIL" else None,
-                attempts=3 if state == "FAIL" else 1))
     return config
 
 
@@ -112,9 +125,7 @@ def test_knee_of_short_and_scaled_fronts():
 
 @given(st.lists(st.tuples(st.floats(0.01, 10), st.floats(0.0, 300)), min_size=1, max_size=20))
 def test_knee_is_on_the_front_and_farthest_from_the_chord(points):
-    from ppsearch.store import non_dominated
-
-    front = front_of([points[i] for i in non_dominated(points)])
+    front = front_of([p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)])
     chosen = front.set_index("trial").loc[query.pick_trial(front, "knee")]
     x = (front.gmacs - front.gmacs.min()) / ((front.gmacs.max() - front.gmacs.min()) or 1)
     y = (front.fid - front.fid.min()) / ((front.fid.max() - front.fid.min()) or 1)
@@ -147,8 +158,30 @@ def test_export_needs_the_stored_configuration(study, tmp_path):
 
 
 def test_hypervolume_history_is_exact():
-    points = np.array([[2.0, 2.0], [1.0, 3.0], [3.0, 1.0], [2.5, 2.5]])
-    assert query.hypervolume_history(points, np.array([4.0, 4.0])) == pytest.approx([4.0, 5.0, 6.0, 6.0])
+    points = np.array([[2.0, 2.0], [1.0, 3.0], [3.0, 1.0], [2.5, 2.5], [5.0, 0.5]])  # the last: outside
+    assert query.hypervolume_history(points, np.array([4.0, 4.0])) == pytest.approx([4.0, 5.0, 6.0, 6.0, 6.0])
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=12))
+def test_hypervolume_is_the_area_a_grid_of_cells_counts(points):
+    """Against a brute force: the share of a fine grid's cells that some point dominates."""
+    cells = (np.arange(200) + 0.5) / 200
+    x, y = np.meshgrid(cells, cells)
+    covered = np.zeros_like(x, dtype=bool)
+    for px, py in points:
+        covered |= (x >= px) & (y >= py)
+    assert query.hypervolume(np.array(points), np.array([1.0, 1.0])) == pytest.approx(covered.mean(), abs=0.011)
+
+
+def test_show_command_prints_one_trial(study, capsys):
+    code, out, _ = run_cli(capsys, "show", "5", *study_words(study))
+    assert code == 0
+    assert out.splitlines()[0] == "trial 5: 8x8@0.5,2x2  [FAIL]"
+    assert "  attempts  3" in out and "12:00:01 failed: CUDA out of memory" in out
+    code, out, _ = run_cli(capsys, "show", "1", *study_words(study))
+    assert "  FID       11.00 +- 0.30 (1000 samples, digits)" in out and "0.5000 -> 0.3000 over 100 steps" in out
+    code, _, err = run_cli(capsys, "show", "99", *study_words(study))
+    assert code == 2 and "has no trial 99" in err
 
 
 def test_plot_writes_a_png(study, tmp_path):
@@ -179,7 +212,8 @@ def test_status_command(study, capsys):
     code, out, err = run_cli(capsys, "status", *study_words(study))
     assert code == 0 and not err
     lines = out.splitlines()
-    assert lines[0].endswith(": 7 trials, 1 RUNNING, 5 COMPLETE, 1 FAIL")
+    assert lines[0].endswith(": 7 trials, 5 COMPLETE, 1 FAIL, 1 RUNNING")
+    assert lines[1] == "driver: none running; the RUNNING trials were interrupted and resume on the next launch"
     assert "front (4 trials):" in lines
     assert "  trial 5 8x8@0.5,2x2 (3 attempts): CUDA out of memory" in lines
     assert PASSWORD not in out and "Traceback" not in out
