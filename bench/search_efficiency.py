@@ -37,8 +37,8 @@ import pandas as pd
 from ppsearch.config import load_study
 from ppsearch.query import hypervolume_history
 from ppsearch.query import trials as study_trials
-from ppsearch.search import Driver, InlineRunner, make_sampler
-from ppsearch.store import non_dominated
+from ppsearch.runners import InlineRunner
+from ppsearch.search import Driver, make_sampler
 
 BENCH = Path(__file__).resolve().parent
 TABLE = BENCH / "results" / "search_table-toy.csv"
@@ -63,6 +63,11 @@ TPE_SETTINGS = {
 }
 OPTIONAL = {name: (lambda kw: lambda space, seed: optuna.samplers.TPESampler(
     multivariate=True, group=True, seed=seed, **kw))(kw) for name, kw in TPE_SETTINGS.items()}
+
+
+def non_dominated(points: np.ndarray) -> list[int]:
+    """Indices of the points no other point dominates (both objectives minimised)."""
+    return [i for i, p in enumerate(points) if not any((q <= p).all() and (q < p).any() for q in points)]
 
 
 def study_config(storage: str, space: list[str], *extra: str):
@@ -98,7 +103,7 @@ def table_runner(table: pd.DataFrame, slots: int) -> InlineRunner:
     """Trials answered from the table: ``run_trial``'s result keys, the table's numbers."""
     rows = table.set_index("schedule")
 
-    def lookup(trainer, schedule: str, out_dir: str) -> dict:
+    def lookup(trainer, schedule: str, out_dir: str, shared=None) -> dict:
         row = rows.loc[schedule]
         return {"gmacs": row.gmacs, "relative_gmacs": row.gmacs / rows.gmacs.max(), "fid": row.fid,
                 "fid_std": row.fid_std, "fid_details": {"source": "table"}, "timings": {"total": 0.0},
@@ -115,7 +120,7 @@ def replay(table: pd.DataFrame, space: list[str], sampler: str, seed: int, budge
     driver = Driver(config, log=lambda line: None, runner=table_runner(table, slots))
     driver.study.sampler = {**SAMPLERS, **OPTIONAL}[sampler](driver.space, seed)
     driver.run()
-    ran = [t for t in driver.study.get_trials(deepcopy=False) if t.user_attrs.get("counted")]
+    ran = [t for t in driver.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     return hypervolume_history(np.array([t.values for t in sorted(ran, key=lambda t: t.number)]), reference)
 
 

@@ -144,10 +144,31 @@ def _study_from_args(words: list[str]):
 
 
 def cmd_launch(args):
+    if args.multirun:
+        return _multirun(args)
+    _launch(args, _study_from_args(args.overrides))
+
+
+def _multirun(args):
+    """One study per combination of the sweeps' values, one after the other, each named after
+    its overrides (``toy-trainer.steps=100``)."""
+    from .config import sweep
+
+    fixed = [w for w in args.overrides if w.startswith("study=") or w.endswith((".yaml", ".yml"))]
+    runs = sweep([w for w in args.overrides if w not in fixed])
+    print(f"multirun: {len(runs)} studies")
+    for overrides in runs:
+        config = _study_from_args([*fixed, *overrides])
+        swept = [o for o, original in zip(overrides, [w for w in args.overrides if w not in fixed]) if o != original]
+        config.name = "-".join([config.name, *swept]) if swept else config.name
+        print(f"multirun: study {config.name}")
+        _launch(args, config)
+
+
+def _launch(args, config):
     from . import query
     from .search import Driver, Interrupted, install_signal_handlers
 
-    config = _study_from_args(args.overrides)
     driver = Driver(config)
     install_signal_handlers(driver)
     try:
@@ -160,12 +181,12 @@ def cmd_launch(args):
         print("ppsearch launch: stopped at once; running trials resume on the next launch", file=sys.stderr)
         sys.exit(130)
     front = query.front(config)
-    print(f"study {config.name}: {summary['trials']} results in {summary['seconds'] / 60:.1f} min; "
+    print(f"study {config.name}: {summary['trials']} result{'s' if summary['trials'] != 1 else ''} in {summary['seconds'] / 60:.1f} min; "
           f"front ({len(front)} trials, GMACs per sample, speed-up over the base):\n{_front_text(front)}")
     if len(front):
-        trial = query.pick_trial(front, "knee")
+        trial, why = query.pick(front, "knee")
         out = query.export_trial(config, trial=trial)
-        print(f"exported the knee of the front (trial {trial}) to {out}; train it with: ppsearch train {out}")
+        print(f"picked {why}\nexported trial {trial} to {out}; train it with: ppsearch train {out}")
 
 
 def _front_text(table) -> str:
@@ -273,7 +294,7 @@ def cmd_front(args):
 def cmd_plot(args):
     from . import query
 
-    print(f"wrote {query.plot(_study_from_args(args.overrides), out=args.out)}")
+    print(f"wrote {query.plot(_study_from_args(args.overrides), out=args.out, pick_how=args.pick)}")
 
 
 def cmd_export(args):
@@ -299,10 +320,9 @@ def cmd_eval(args):
     from .evaluate import Evaluator, save_grid
     from .train import base_model, build_model, resolve_device
 
-    config = _trainer_from_args(args.overrides, "pretrain_tiny")
+    asked = [f"eval.num_samples={args.num_samples}"] if args.num_samples is not None else []
+    config = _trainer_from_args([*args.overrides, *asked], "pretrain_tiny")  # ranges checked there
     config.base, config.schedule = args.checkpoint or "embedded", args.schedule
-    if args.num_samples:
-        config.eval.num_samples = args.num_samples
     config.eval.fid.progress = not args.json
     schedule = Schedule.parse(args.schedule)
     device = resolve_device(config.device)
@@ -320,7 +340,7 @@ def cmd_eval(args):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-        save_grid(images, out / "samples.png")
+        save_grid(images, out / "samples.png", title=f"{schedule}  ({args.checkpoint or 'the embedded base'})")
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -334,9 +354,30 @@ def cmd_eval(args):
           + (f"; wrote {args.out}/eval.json and samples.png" if args.out else ""))
 
 
+DESCRIPTION = """Find the PPFlow patch schedules of a pretrained DiT/SiT that are Pareto-optimal in
+(inference compute, FID): a search fine-tunes short variants of your base, one candidate schedule
+(stages, boundaries, patch shapes, guidance) each, and keeps the study in a SQL database.
+
+Start with `ppsearch launch` (the toy study on this machine), then `ppsearch status`,
+`ppsearch front`, `ppsearch plot --out front.png` and `ppsearch export --pick knee`."""
+
+
+def _epilog() -> str:
+    from .config import available
+
+    groups = {"studies (study=NAME)": "studies", "trainers (trainer=NAME)": "trainers",
+              "search spaces (search_space=NAME)": "search_spaces"}
+    return ("shipped configurations:\n" + "\n".join(f"  {label}: {', '.join(available(group))}"
+                                                   for label, group in groups.items())
+            + "\n\nA study file of your own (FILE.yaml) composes with these and with trainers/ or "
+              "search_spaces/ folders beside it.\n`ppsearch COMMAND --help` for each command; "
+              "`--cfg job` prints the composed config without running.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppsearch", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="ppsearch", description=DESCRIPTION, epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("flops", help="analytic compute of a schedule, per stage and per sample")
     _model_args(p, "model size (e.g. XL/2) or checkpoint path")
@@ -355,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("launch", help="run or resume a search (study=NAME, default toy; then key=value overrides)")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="launch one study per combination of comma-separated values (trainer.steps=100,200)")
     p.add_argument("overrides", nargs="*", help="study=NAME or FILE.yaml, trainer=NAME, search_space=NAME, "
                                                 "key=value (e.g. n_trials=20 trainer.steps=200 storage=URL)")
     p.set_defaults(func=cmd_launch)
@@ -376,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=study_words)
     p.set_defaults(func=cmd_front)
 
-    p = sub.add_parser("plot", help="PNG of a study's trials, front and hypervolume history")
-    p.add_argument("--out", required=True, help="the PNG file to write")
+    p = sub.add_parser("plot", help="a figure of a study: trials, front, baselines, the pick; hypervolume")
+    p.add_argument("--out", required=True, help="the figure to write: .png, .svg or .pdf")
+    p.add_argument("--pick", default="knee", help="the point marked as picked (as export --pick)")
     p.add_argument("overrides", nargs="*", help=study_words)
     p.set_defaults(func=cmd_plot)
 
@@ -426,18 +470,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="default: the shipped weights' recipe")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_features)
+    for name, kind in {"launch": "study", "status": "study", "show": "study", "front": "study", "plot": "study",
+                       "export": "study", "train": "trainer", "pretrain": "trainer", "eval": "trainer"}.items():
+        sub.choices[name].add_argument("--cfg", choices=["job"], help="print the composed config and stop")
+        sub.choices[name].set_defaults(config_kind=kind)
     return parser
 
 
 def main(argv=None):
     from .errors import PPSearchError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top level's
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if getattr(args, "cfg", None):
+            return _print_config(args)
         args.func(args)
     except PPSearchError as err:  # a user's mistake or a missing resource; anything else is a bug
         print(f"ppsearch {args.command}: error: {_clipped(str(err))}", file=sys.stderr)
         sys.exit(2)
+
+
+def _print_config(args):
+    """``--cfg job``: the composed config, as the command would run it (credentials hidden)."""
+    from .config import to_yaml
+
+    if args.config_kind == "study":
+        config = _study_from_args(args.overrides)
+        config.storage = hidden_password(config.storage)
+    else:
+        config = _trainer_from_args(args.overrides, getattr(args, "default_trainer", None))
+    print(to_yaml(config), end="")
 
 
 def _clipped(text: str, limit: int = 400) -> str:

@@ -164,7 +164,12 @@ def typed(schema: type[T], data: Any, where: str, overrides: list[str] = ()) -> 
     dataclass ``schema``: every key of the schema can be overridden, unknown ones fail."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
-        for key, value in _parse_overrides(overrides):
+        for op, key, value in _parse_overrides(overrides):
+            if op == "delete":
+                if OmegaConf.select(OmegaConf.structured(schema), key, default="__missing__") == "__missing__":
+                    raise ConfigError(f"{where}: ~{key}: no such key")
+                value = OmegaConf.select(OmegaConf.structured(schema), key)
+                value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             # merging into a null mapping fails in OmegaConf; replace it instead
             OmegaConf.update(merged, key, value, merge=OmegaConf.select(merged, key) is not None)
         config = OmegaConf.to_object(merged)
@@ -176,24 +181,54 @@ def typed(schema: type[T], data: Any, where: str, overrides: list[str] = ()) -> 
     return config
 
 
-def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Hydra's override grammar, ``key=value`` only; ppsearch has no sweeps, so a comma in a
-    plain value (a schedule's text) is literal."""
+_LITERAL_COMMAS = ("schedule",)  # keys whose values hold commas of their own (a schedule's text)
+
+
+def _parse(text: str):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    # The message names the key only: a value may be a database URL with its password.
+    key = text.lstrip("+~").partition("=")[0]
+    if key.rsplit(".", 1)[-1] in _LITERAL_COMMAS:
+        text = _literal_commas(text)
+    try:
+        return OverridesParser.create().parse_overrides([text])[0]
+    except HydraException:
+        raise ConfigError(f"bad override of {key!r}: expected key=value, +key=value or ~key "
+                          f"(quote a value holding '=' or spaces)") from None
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, str, Any]]:
+    """Hydra's override grammar as a Hydra user types it: ``key=value``, ``+key=value`` and
+    ``++key=value`` set a key, ``~key`` puts it back to its default. A comma list is a sweep,
+    which only ``-m`` (multirun) expands; a schedule's commas are its own."""
     parsed = []
     for text in overrides:
-        # The message names the key only: a value may be a database URL with its password.
-        key = text.partition("=")[0]
-        try:
-            override = OverridesParser.create().parse_overrides([_literal_commas(text)])[0]
-        except HydraException:
-            raise ConfigError(f"bad override of {key!r}: expected key=value (quote a value holding '=' or spaces)") from None
-        if override.is_delete() or override.is_add() or override.is_sweep_override() or override.package:
-            raise ConfigError(f"bad override of {key!r}: expected key=value")
-        parsed.append((override.key_or_group, override.value()))
+        override = _parse(text)
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigError(f"{key}={text.partition('=')[2]} is a sweep over several values: add -m "
+                              f"(multirun) to launch one study per value")
+        if override.package:
+            raise ConfigError(f"bad override of {key!r}: packages (@) are not settings")
+        parsed.append(("delete", key, None) if override.is_delete() else ("set", key, override.value()))
     return parsed
+
+
+def sweep(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a multirun: one per combination of the sweeps' values, in order."""
+    import itertools
+
+    axes = []
+    for text in overrides:
+        override = _parse(text)
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            axes.append([text])
+    return [list(combination) for combination in itertools.product(*axes)]
 
 
 def _literal_commas(override: str) -> str:
@@ -214,11 +249,14 @@ def compose(group: str, name_or_path: str, choices: list[str] = ()):
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    path = Path(name_or_path)
+    path, search = Path(name_or_path), []
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        # A study file anywhere composes with config groups beside it (a user's own trainers/),
+        # then with the shipped ones.
         config_dir, config_name = path.resolve().parent, path.stem
+        search = [f"hydra.searchpath=[file://{CONFIG_DIR}]"]
     else:
         if name_or_path not in available(group):
             raise ConfigError(f"unknown {_SINGULAR[group]} {name_or_path!r}; "
@@ -226,7 +264,7 @@ def compose(group: str, name_or_path: str, choices: list[str] = ()):
         config_dir, config_name = CONFIG_DIR, f"{group}/{name_or_path}"
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=list(choices))
+            return hydra_compose(config_name=config_name, overrides=[*search, *choices])
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"bad config {name_or_path}: {str(err).splitlines()[0]}") from None
 

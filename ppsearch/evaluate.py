@@ -87,13 +87,19 @@ class Evaluator:
 
     def sample(self, model, schedule: Schedule, sampler: SamplerConfig | None = None) -> torch.Tensor:
         """All evaluation samples as images in [-1, 1], on the CPU."""
+        from tqdm import tqdm
+
         sampler = sampler or self.sampler
         out = []
+        bar = tqdm(total=self.config.num_samples, unit="sample", desc=f"sampling {schedule}", dynamic_ncols=True,
+                   disable=not self.config.fid.progress)
         for start in range(0, self.config.num_samples, self.config.batch_size):
             noise = self.noise[start:start + self.config.batch_size].to(self.device)
             labels = self.labels[start:start + self.config.batch_size].to(self.device)
             x = sample(model, schedule, noise, labels, sampler)
             out.append((self._decode(x) if self.vae is not None else x.clamp(-1, 1)).cpu())
+            bar.update(len(noise))
+        bar.close()
         return torch.cat(out)
 
     def __call__(self, model, schedule: Schedule, sampler: SamplerConfig | None = None) -> EvalResult:

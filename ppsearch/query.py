@@ -3,6 +3,7 @@ knee, or the best FID under a GMACs budget), a trial exported as a ``trainers/``
 that ``ppsearch train`` runs, and a plot of the front with the hypervolume's history."""
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,34 +93,74 @@ def front(config_or_url: StudyConfig | str, study_name: str | None = None,
     return table.reset_index(drop=True)
 
 
-def pick_trial(front_table: pd.DataFrame, how: str) -> int:
-    """The trial number that ``how`` picks on a front (as ``front`` returns it):
+PICKS = "knee, best-fid-under-gmacs=X or cheapest-under-fid=Y"
+
+
+def ties(fid_a: float, std_a: float, fid_b: float, std_b: float) -> bool:
+    """Whether two FIDs are within each other's noise: a gap under twice the root sum of squares
+    of their noise estimates (no estimate: no noise)."""
+    noise = math.hypot(std_a if std_a == std_a else 0.0, std_b if std_b == std_b else 0.0)
+    return abs(fid_a - fid_b) <= 2 * noise
+
+
+def pick(front_table: pd.DataFrame, how: str) -> tuple[int, str]:
+    """The trial number that ``how`` picks on a front (as ``front`` returns it), and one line
+    saying why that point:
 
     - ``knee``: with GMACs and FID each scaled to [0, 1] over the front, the point farthest
       from the straight line joining the front's two ends, on the origin's side (the best
-      trade-off of a convex front); ties go to the lower FID. A front of one or two points
-      has no bend: the lower FID wins.
+      trade-off of a convex front). A front of one or two points has no bend: the lower FID.
     - ``best-fid-under-gmacs=X``: the lowest FID among front points with ``gmacs <= X``.
+    - ``cheapest-under-fid=Y``: the fewest GMACs among front points with ``fid <= Y``.
+
+    Then every pick treats front points within each other's FID noise as ties and takes the
+    cheapest of its ties that meets the pick's bound: a lower FID that noise cannot tell apart
+    is not worth its compute.
     """
     if front_table.empty:
         raise QueryError("the front is empty: no trial is COMPLETE yet")
-    match = re.fullmatch(r"best-fid-under-gmacs=(.+)", how)
+    table = front_table.sort_values(["gmacs", "fid", "trial"], ignore_index=True)
+    if "fid_std" not in table:
+        table = table.assign(fid_std=float("nan"))
+    match = re.fullmatch(r"(best-fid-under-gmacs|cheapest-under-fid)=(.+)", how)
     if how == "knee":
-        scaled = [(v - v.min()) / ((v.max() - v.min()) or 1.0) for v in (front_table.gmacs, front_table.fid)]
+        scaled = [(v - v.min()) / ((v.max() - v.min()) or 1.0) for v in (table.gmacs, table.fid)]
         gain = 1.0 - scaled[0] - scaled[1]  # sqrt(2) x the distance to the line x + y = 1
-        best = front_table[np.isclose(gain, gain.max())]
+        allowed = table
+        chosen = table[np.isclose(gain, gain.max())].sort_values(["fid", "gmacs"]).iloc[0]
+        why = "the knee: the best trade-off of GMACs and FID on the front"
     elif match:
         try:
-            budget = float(match[1])
+            bound = float(match[2])
         except ValueError:
-            raise QueryError(f"bad pick {how!r}: {match[1]!r} is not a number") from None
-        best = front_table[front_table.gmacs <= budget]
-        if best.empty:
-            raise QueryError(f"no front trial costs at most {budget:g} GMACs; "
-                             f"the cheapest costs {front_table.gmacs.min():.4g}")
+            raise QueryError(f"bad pick {how!r}: {match[2]!r} is not a number") from None
+        if match[1] == "best-fid-under-gmacs":
+            allowed = table[table.gmacs <= bound]
+            if allowed.empty:
+                raise QueryError(f"no front trial costs at most {bound:g} GMACs; the cheapest costs {table.gmacs.min():.4g}")
+            chosen = allowed.sort_values(["fid", "gmacs"]).iloc[0]
+            why = f"the lowest FID at no more than {bound:g} GMACs"
+        else:
+            allowed = table[table.fid <= bound]
+            if allowed.empty:
+                raise QueryError(f"no front trial has FID at most {bound:g}; the lowest is {table.fid.min():.4g}")
+            chosen = allowed.sort_values(["gmacs", "fid"]).iloc[0]
+            why = f"the fewest GMACs at FID no more than {bound:g}"
     else:
-        raise QueryError(f"bad pick {how!r}: expected knee or best-fid-under-gmacs=X")
-    return int(best.sort_values(["fid", "gmacs", "trial"]).trial.iloc[0])
+        raise QueryError(f"bad pick {how!r}: expected {PICKS}")
+    tied = np.array([ties(f, s, chosen.fid, chosen.fid_std) for f, s in zip(allowed.fid, allowed.fid_std)], dtype=bool)
+    cheaper = allowed[(allowed.gmacs < chosen.gmacs).to_numpy() & tied]  # within the pick's own bound
+    if not cheaper.empty:
+        tie = cheaper.iloc[0]
+        return int(tie.trial), (f"trial {int(tie.trial)}: FID {tie.fid:.3g} +- {tie.fid_std:.2g} ties with trial "
+                                f"{int(chosen.trial)} ({why}: FID {chosen.fid:.3g} +- {chosen.fid_std:.2g}) within "
+                                f"noise, at {tie.gmacs:.4g} instead of {chosen.gmacs:.4g} GMACs")
+    return int(chosen.trial), f"trial {int(chosen.trial)}: {why} (FID {chosen.fid:.3g} at {chosen.gmacs:.4g} GMACs)"
+
+
+def pick_trial(front_table: pd.DataFrame, how: str) -> int:
+    """The trial number :func:`pick` chooses."""
+    return pick(front_table, how)[0]
 
 
 def export_trial(config_or_url: StudyConfig | str, study_name: str | None = None, *, trial: int,
@@ -147,37 +188,77 @@ def stored_config(url: str, study_name: str) -> StudyConfig:
         return view.config()
 
 
-def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out: str | Path) -> Path:
-    """A PNG: left, every COMPLETE trial in (GMACs, FID) with its FID noise as error bar, the
-    front joined as a step line, baselines named; right, the front's hypervolume after each
-    trial, against 1.1 x the largest GMACs and FID of the completed trials."""
+EXTRACTOR_NAMES = {"ppsearch-digits": "digits-classifier features", "digits": "digits-classifier features",
+                   "inception-v3-compat": "Inception-v3", "inception": "Inception-v3"}
+FIGURE_FORMATS = (".png", ".svg", ".pdf")
+
+
+def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out: str | Path,
+         pick_how: str = "knee") -> Path:
+    """A figure (PNG, SVG or PDF by ``out``'s suffix). Left: every COMPLETE trial in (GMACs, FID)
+    with its FID noise as error bars (sampling noise; training noise where the study measured it),
+    the front as a step line with each point labelled by its schedule, the baselines and the
+    picked trial (``pick_how``, the knee by default) in markers of their own, a speed-up axis
+    over the base beside the GMACs axis, the FID axis naming its feature extractor (log scale
+    where FIDs span more than a decade). Right: the front's hypervolume after each trial, the
+    trials numbered as ``ppsearch status`` counts them (repeats and pruned proposals included)."""
     from matplotlib.figure import Figure  # Figure, not pyplot: the Agg canvas, no GUI, no global state
     from matplotlib.ticker import MaxNLocator
 
+    out = Path(out)
+    if out.suffix.lower() not in FIGURE_FORMATS:
+        raise QueryError(f"plot --out {out}: the file must end in {', '.join(FIGURE_FORMATS)}")
     with open_study(config_or_url, study_name) as view:
-        done = view.trials().query("state == 'COMPLETE'")  # in trial order, for the history
+        table = view.trials()  # in trial order, for the history
         front_table, name = view.front(), view.name
+    done = table[table.state == "COMPLETE"]
     if done.empty:
         raise QueryError(f"study {name!r} has no COMPLETE trial to plot yet")
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    ax, hv_ax = fig.subplots(1, 2)
-    ax.errorbar(done.gmacs, done.fid, yerr=done.fid_std.fillna(0), fmt="o", ms=4, color="0.55", ecolor="0.8",
-                label="trials")
-    ax.step(front_table.gmacs, front_table.fid, where="post", color="C3", marker="o", zorder=3, label="front")
-    for row in done[done.baseline.notna()].itertuples():
-        ax.annotate(row.baseline, (row.gmacs, row.fid), xytext=(6, 6), textcoords="offset points")
-    ax.set(xlabel="GMACs per sample", ylabel="FID",
+    extractors = {d.get("extractor") for d in done.fid_details if isinstance(d, dict)}
+    fid_label = "FID (" + ", ".join(EXTRACTOR_NAMES.get(e, str(e)) for e in sorted(extractors, key=str)) + ")"
+    noise = done.fid_std.fillna(0.0)
+    if "training_std" in done:
+        noise = np.hypot(noise, done.training_std.fillna(0.0))
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    ax, hv_ax = fig.subplots(1, 2, width_ratios=[1.6, 1])
+    ax.errorbar(done.gmacs, done.fid, yerr=noise, fmt="o", ms=4, color="0.6", ecolor="0.75", capsize=2,
+                label="trials (FID +- noise)")
+    front_sorted = front_table.sort_values("gmacs")
+    ax.step(front_sorted.gmacs, front_sorted.fid, where="post", color="C3", zorder=3, label="front")
+    ax.errorbar(front_sorted.gmacs, front_sorted.fid, yerr=front_sorted.fid_std.fillna(0.0), fmt="o", color="C3",
+                capsize=3, zorder=4)
+    for row in front_sorted.itertuples():
+        ax.annotate(row.schedule, (row.gmacs, row.fid), xytext=(5, -11), textcoords="offset points", fontsize=7,
+                    color="C3")
+    for marker, (baseline, rows) in zip("sD^v", done[done.baseline.notna()].groupby("baseline")):
+        ax.scatter(rows.gmacs, rows.fid, marker=marker, s=70, facecolors="none", edgecolors="k", zorder=5,
+                   label=f"{baseline} ({rows.schedule.iloc[0]})")
+    picked, why = pick(front_table, pick_how)
+    row = front_table.set_index("trial").loc[picked]
+    ax.scatter([row.gmacs], [row.fid], marker="*", s=260, color="gold", edgecolors="k", zorder=6,
+               label=f"picked ({pick_how}): {row.schedule}")
+    if done.fid.max() > 10 * max(done.fid.min(), 1e-9):
+        ax.set_yscale("log")
+    ax.set(xlabel="GMACs per sample", ylabel=fid_label,
            title=f"{name}: {len(done)} complete trials, {len(front_table)} on the front")
-    ax.legend()
-    points = done[["gmacs", "fid"]].to_numpy(float)
-    reference = 1.1 * points.max(axis=0)
-    hv_ax.plot(done.trial, hypervolume_history(points, reference), drawstyle="steps-post", marker=".")
+    base_gmacs = float((done.gmacs / done.speedup).median())  # GMACs x speed-up = the base's GMACs
+    top = ax.secondary_xaxis("top", functions=(lambda g: base_gmacs / np.maximum(g, 1e-12),
+                                               lambda v: base_gmacs / np.maximum(v, 1e-12)))
+    top.set_xlabel("speed-up over the base (x)")
+    ax.legend(fontsize=8, loc="upper right")
+    points = table[["gmacs", "fid"]].to_numpy(float)  # every trial, in the order status counts them
+    complete = (table.state == "COMPLETE").to_numpy()
+    reference = 1.1 * points[complete].max(axis=0)
+    history = [hypervolume(points[:k + 1][complete[:k + 1]], reference) for k in range(len(points))]
+    hv_ax.plot(table.trial, history, drawstyle="steps-post", marker=".")
     hv_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    hv_ax.set(xlabel="trial", ylabel="hypervolume",
+    hv_ax.set(xlabel="trial (as ppsearch status counts them)", ylabel="hypervolume",
               title="front hypervolume (reference: 1.1 x max GMACs, 1.1 x max FID)")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):  # text stays text: editable
+        fig.savefig(out, dpi=150)
     return out
 
 
@@ -199,6 +280,11 @@ def hypervolume_history(points: np.ndarray, reference: np.ndarray) -> list[float
 
 
 def _source(config_or_url: StudyConfig | str, study_name: str | None) -> tuple[str, str]:
+    """(storage URL, study name) from a config, a study YAML file, or a URL and a name."""
+    if isinstance(config_or_url, (str, Path)) and str(config_or_url).endswith((".yaml", ".yml")):
+        from .config import load_study
+
+        config_or_url = load_study(str(config_or_url))
     if isinstance(config_or_url, StudyConfig):
         return config_or_url.storage, study_name or config_or_url.name
     if not study_name:

@@ -131,6 +131,21 @@ def node_capacity(nodes: list[dict], cpus: float, gpus: float) -> tuple[int, lis
     return slots, warnings
 
 
+def _quiet_token_notice() -> None:
+    """Ray tells every ``ray.init`` of a local cluster that token authentication is on (the
+    default since Ray 2.5x); ppsearch starts one per launch, so the notice would be repeated on
+    every launch. Authentication stays as Ray sets it; only that notice is dropped."""
+    import logging
+
+    class NoTokenNotice(logging.Filter):
+        def filter(self, record):
+            return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, NoTokenNotice) for f in log.filters):
+        log.addFilter(NoTokenNotice())
+
+
 class RayRunner:
     """Trials as Ray tasks on a cluster (``ray.address``) or on a local one started here."""
 
@@ -143,6 +158,7 @@ class RayRunner:
         config = self.config.ray
         self.address = config.address or os.environ.get("RAY_ADDRESS")
         options = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=config.runtime_env or None)
+        _quiet_token_notice()
         try:
             if self.address:
                 ray.init(address=self.address, **options)

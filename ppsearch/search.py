@@ -193,7 +193,7 @@ class Driver:
     """Runs (or resumes) one study to its trial budget."""
 
     def __init__(self, config: StudyConfig, log: Callable[[str], None] = print, runner: TrialRunner | None = None):
-        self.config, self.log = paths_made_absolute(config), log
+        self.config, self.console = paths_made_absolute(config), log
         trainer = config.trainer
         data = load_dataset(trainer.data, "train")  # header only for latent shards
         self.base = base_model(trainer, data.shape, data.num_classes)
@@ -255,11 +255,17 @@ class Driver:
                 self.log(f"study {config.name!r} has no COMPLETE trial yet: its settings are replaced "
                          f"({'; '.join(changed)})")
         self.settings = settings_key(config)
+        self.log_path = trial_folder(config.checkpoint_dir, config.name, self.uid, "x").parent / "driver.log"
         self.retry(lambda: self.store.set_identity(self.study_id, self.uid, current), "storing the settings")
         self.retry(lambda: study.set_metric_names(["gmacs", "fid"]), "naming the objectives")
         # Seeded by the trials so far: a resumed study must not replay its earlier launches' proposals.
         trials = self._trials()
         self.study.sampler = make_sampler(config.sampler, config.seed + len(trials), self.space)
+
+    def log(self, line: str) -> None:
+        self.console(line)
+        if hasattr(self, "log_path"):
+            self._to_log_file([line])
 
     def _has_complete(self) -> bool:
         return any(t.state == TrialState.COMPLETE for t in self._trials())
@@ -454,6 +460,8 @@ class Driver:
         self._set(trial.number, "error", message)
         if log_tail:
             self._set(trial.number, "log_tail", log_tail)
+            self._to_log_file([f"trial {trial.number} {trial.schedule} failed; its log ended:",
+                               *(f"  {line}" for line in log_tail)])
         self.retry(lambda: self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
                    "telling a failure")
         loop.done[trial.schedule] = trial.number
@@ -498,6 +506,15 @@ class Driver:
             raise StudyFailed(f"all {len(ours)} trials of study {self.config.name!r} failed: {why}; correct the "
                               f"settings and launch again (a study with no COMPLETE trial takes new settings)")
 
+    def _to_log_file(self, lines: list[str]):
+        """The driver's log file, beside its trials' folders: what the console does not show."""
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write("".join(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n" for line in lines))
+        except OSError:
+            pass  # a convenience: the study's record holds the same lines
+
     # -- the study's records -------------------------------------------------------------------------
     def _trial_id(self, number: int) -> int:
         return self.retry(lambda: self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number),
@@ -535,8 +552,11 @@ class Driver:
         failed = sum(1 for t in self._trials(states=(TrialState.FAIL,)) if self._ours(t))
         complete = loop.counted - failed
         left = budget - loop.counted - len(loop.running)
-        mean = (sum(loop.durations) / len(loop.durations)) if loop.durations else None
-        eta = (math.ceil(left / max(1, loop.slots)) + 0.5) * mean if mean else None
+        # Before the first result, the oldest running trial's age is a lower bound of a trial's time.
+        oldest = max((now - r.started for r in loop.running.values()), default=0.0)
+        mean = (sum(loop.durations) / len(loop.durations)) if loop.durations else oldest
+        rounds = math.ceil(left / max(1, loop.slots)) + (1 if loop.running else 0)
+        eta = f"{rounds * mean / 60:.1f} min" if loop.durations else f">= {rounds * mean / 60:.1f} min (no trial done yet)"
         best = self.retry(lambda: self.study.best_trials, "reading the front")
         front = ", ".join(f"{t.user_attrs['schedule']} {t.values[1]:.1f}" for t in sorted(best, key=lambda t: t.values[0])) or "-"
         state = (complete, len(loop.running), failed, front)
@@ -544,7 +564,7 @@ class Driver:
             return
         loop.last_progress = state
         self.log(f"[{self.config.name}] {complete} done, {len(loop.running)} running, {failed} failed of {budget} | "
-                 f"front: {front} | ETA {f'{eta / 60:.1f} min' if eta else 'after the first trial'}")
+                 f"front: {front} | ETA {eta}")
 
 
 def install_signal_handlers(driver: Driver) -> None:

@@ -184,12 +184,19 @@ def test_show_command_prints_one_trial(study, capsys):
     assert code == 2 and "has no trial 99" in err
 
 
-def test_plot_writes_a_png(study, tmp_path):
+def test_plot_writes_a_figure_fit_for_a_paper(study, tmp_path):
     from PIL import Image
 
     path = query.plot(study, out=tmp_path / "plots" / "front.png")
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] > image.size[1] > 300
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 600
+    svg = query.plot(study, out=tmp_path / "front.svg").read_text()
+    for text in ["digits-classifier features", "speed-up over the base", "4x4@0.5,2x4@0.75,2x2",
+                 "picked (knee)", "PPF-2 (4x4@0.5,2x2)", "trial (as ppsearch status counts them)"]:
+        assert text in svg, text
+    assert query.plot(study, out=tmp_path / "front.pdf").read_bytes().startswith(b"%PDF")
+    with pytest.raises(query.QueryError, match="must end in .png, .svg, .pdf"):
+        query.plot(study, out=tmp_path / "front.jpg")
 
 
 def run_cli(capsys, *words):
@@ -280,3 +287,18 @@ def test_the_installed_command_exits_2_with_one_line(postgres_url):
     assert done.returncode == 2 and not done.stdout
     assert done.stderr.startswith("ppsearch front: error: cannot reach database") and PASSWORD not in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_picks_treat_points_within_noise_as_ties_and_take_the_cheaper():
+    front = pd.DataFrame({"trial": [0, 1, 2, 3], "gmacs": [0.3, 0.5, 0.6, 1.0],
+                          "fid": [40.0, 24.0, 22.0, 20.0], "fid_std": [2.0, 1.5, 1.5, 1.0]})
+    # the knee by the chord alone would be trial 1 or 2; 22 +- 1.5 and 24 +- 1.5 tie
+    trial, why = query.pick(front, "best-fid-under-gmacs=0.7")
+    assert trial == 1 and why.startswith("trial 1: FID 24 +- 1.5 ties with trial 2")
+    assert query.pick(front, "cheapest-under-fid=23")[0] == 2  # 24 > 23: not allowed, whatever the noise
+    trial, why = query.pick(front, "cheapest-under-fid=30")
+    assert trial == 1 and why == "trial 1: the fewest GMACs at FID no more than 30 (FID 24 at 0.5 GMACs)"
+    quiet = front.assign(fid_std=0.1)  # without noise to hide behind, the lower FID stands
+    assert query.pick(quiet, "best-fid-under-gmacs=0.7")[0] == 2
+    with pytest.raises(query.QueryError, match="no front trial has FID at most 10; the lowest is 20"):
+        query.pick(front, "cheapest-under-fid=10")
