@@ -20,7 +20,7 @@ import torch
 
 from ppsearch.cli import resolve_model
 from ppsearch.flops import sample_cost
-from ppsearch.flow import SamplerConfig, fixed_noise, sample
+from ppsearch.flow import SolverConfig, fixed_noise, sample
 from ppsearch.models import ppflow_variant
 from ppsearch.schedule import Schedule
 
@@ -72,7 +72,7 @@ def run(args):
     device, model, schedules, base_schedule = benchmark_model(args)
     model.eval()
     config = model.config
-    sampler = SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.cfg, bf16=args.bf16,
+    sampler = SolverConfig(steps=args.steps, solver=args.solver, guidance=args.cfg, bf16=args.bf16,
                             compile=args.compile, cuda_graphs=args.cuda_graphs)
     noise = fixed_noise(args.batch, (config.in_channels, *config.input_size), seed=0, device=device)
     y = (torch.arange(args.batch) % config.num_classes).to(device)

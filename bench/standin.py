@@ -15,7 +15,7 @@ import time
 from ppsearch.config import TrainerConfig
 from ppsearch.data import load_dataset
 from ppsearch.flops import relative_cost, sample_cost
-from ppsearch.flow import SamplerConfig
+from ppsearch.flow import SolverConfig
 from ppsearch.models import PPFlowConfig
 from ppsearch.schedule import Schedule
 from ppsearch.train import base_model
@@ -50,7 +50,7 @@ def standin_trial(trainer: TrainerConfig, schedule: str, out_dir: str, shared=No
     time.sleep(trainer.steps * STEP_SECONDS)
     model = model_config(trainer)
     parsed = Schedule.parse(schedule)
-    sampler = SamplerConfig(steps=trainer.eval.steps, solver=trainer.eval.solver, guidance=trainer.eval.guidance)
+    sampler = SolverConfig(steps=trainer.eval.steps, solver=trainer.eval.solver, guidance=trainer.eval.guidance)
     return {
         "gmacs": sample_cost(model, parsed, sampler).gmacs,
         "relative_gmacs": relative_cost(model, parsed, sampler),

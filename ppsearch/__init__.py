@@ -12,7 +12,7 @@ _EXPORTS = {
     "data": ["DataConfig", "load_dataset"],
     "fid": ["FID", "FIDConfig", "FIDResult"],
     "flops": ["forward_macs", "relative_cost", "sample_cost", "train_step_macs"],
-    "flow": ["SamplerConfig", "flow_loss", "sample", "train_step"],
+    "flow": ["SolverConfig", "flow_loss", "sample", "train_step"],
     "models": ["PPFlow_models", "PPFlowConfig", "PPFlowDiT", "ppflow_variant"],
     "query": ["QueryError", "export_trial", "front", "open_study", "pick_trial", "trials"],
     "schedule": ["PatchShape", "Schedule", "ScheduleError", "Stage"],

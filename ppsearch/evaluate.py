@@ -4,7 +4,7 @@ the data are latents, and measure FID against cached reference statistics."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -12,7 +12,7 @@ from .config import EvalConfig
 from .data import DataConfig, load_dataset
 from .fid import FID, FIDResult, ReferenceStats
 from .flops import sample_cost
-from .flow import SamplerConfig, fixed_noise, sample
+from .flow import SolverConfig, fixed_noise, sample
 from .schedule import Schedule
 
 
@@ -24,12 +24,13 @@ class EvalResult:
     fid: FIDResult
     gmacs: float  # per generated sample, VAE decode not counted
     relative_gmacs: float  # over the base schedule (one stage at the base patch)
-    sampler: dict
+    sampler: dict  # the solver settings the samples were made with
     sampling_seconds: float
     fid_seconds: float
+    images: torch.Tensor | None = field(default=None, repr=False)  # the first GRID_SAMPLES, for a grid
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "fid": self.fid.to_dict()}
+        return {**{k: v for k, v in asdict(self).items() if k != "images"}, "fid": self.fid.to_dict()}
 
 
 def fixed_labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -59,6 +60,9 @@ def reference_statistics(config: EvalConfig, data: DataConfig) -> ReferenceStats
     return _reference(config, data)[0].reference_stats
 
 
+GRID_SAMPLES = 100
+
+
 class Evaluator:
     """Scores variants of one dataset on the same noise and labels.
 
@@ -81,46 +85,53 @@ class Evaluator:
         self.labels = fixed_labels(config.num_samples, self.num_classes, config.seed)
 
     @property
-    def sampler(self) -> SamplerConfig:
+    def solver(self) -> SolverConfig:
+        """The ODE solver settings of the evaluation: method, steps, guidance and the speed
+        switches (bf16, CUDA graphs, torch.compile)."""
         c = self.config
-        return SamplerConfig(steps=c.steps, solver=c.solver, guidance=c.guidance)
+        return SolverConfig(steps=c.steps, solver=c.solver, guidance=c.guidance, bf16=c.bf16,
+                            cuda_graphs=c.cuda_graphs and self.device.type == "cuda", compile=c.compile)
 
-    def sample(self, model, schedule: Schedule, sampler: SamplerConfig | None = None) -> torch.Tensor:
-        """All evaluation samples as images in [-1, 1], on the CPU."""
+    def sample(self, model, schedule: Schedule, solver: SolverConfig | None = None, start: int = 0,
+               count: int | None = None) -> torch.Tensor:
+        """Evaluation samples ``start`` .. ``start + count`` (one batch by default) as images in
+        [-1, 1] (decoded where the data are latents), on the CPU."""
+        count = self.config.batch_size if count is None else count
+        noise = self.noise[start:start + count].to(self.device)
+        labels = self.labels[start:start + count].to(self.device)
+        x = sample(model, schedule, noise, labels, solver or self.solver)
+        return (self._decode(x) if self.vae is not None else x.clamp(-1, 1)).float().cpu()
+
+    def __call__(self, model, schedule: Schedule, solver: SolverConfig | None = None) -> EvalResult:
+        """Sample every evaluation sample, batch by batch, and score them. Each batch becomes FID
+        features at once: memory holds features, never all the images (10,000 decoded ImageNet
+        samples would take 7.9 GB as floats); the first GRID_SAMPLES images are kept for a grid."""
         from tqdm import tqdm
 
-        sampler = sampler or self.sampler
-        out = []
-        bar = tqdm(total=self.config.num_samples, unit="sample", desc=f"sampling {schedule}", dynamic_ncols=True,
-                   disable=not self.config.fid.progress)
-        for start in range(0, self.config.num_samples, self.config.batch_size):
-            noise = self.noise[start:start + self.config.batch_size].to(self.device)
-            labels = self.labels[start:start + self.config.batch_size].to(self.device)
-            x = sample(model, schedule, noise, labels, sampler)
-            out.append((self._decode(x) if self.vae is not None else x.clamp(-1, 1)).cpu())
-            bar.update(len(noise))
-        bar.close()
-        return torch.cat(out)
-
-    def __call__(self, model, schedule: Schedule, sampler: SamplerConfig | None = None) -> EvalResult:
-        return self.score(model, schedule, *self.timed_sample(model, schedule, sampler), sampler)
-
-    def timed_sample(self, model, schedule: Schedule, sampler: SamplerConfig | None = None):
-        start = time.perf_counter()
-        images = self.sample(model, schedule, sampler)
-        return images, time.perf_counter() - start
-
-    def score(self, model, schedule: Schedule, images, sampling_seconds: float,
-              sampler: SamplerConfig | None = None) -> EvalResult:
-        sampler = sampler or self.sampler
-        start = time.perf_counter()
-        fid = self.fid.score(images, self.labels)
-        cost = sample_cost(model.config, schedule, sampler)
-        base = sample_cost(model.config, Schedule.from_stages([model.config.base_patch]), sampler)
+        solver = solver or self.solver
+        features, grid, sampling, extracting = [], [], 0.0, 0.0
+        total, size = self.config.num_samples, self.config.batch_size
+        with tqdm(total=total, unit="sample", desc=f"sampling {schedule}", dynamic_ncols=True,
+                  disable=not self.config.fid.progress) as bar:
+            for start in range(0, total, size):
+                began = time.perf_counter()
+                images = self.sample(model, schedule, solver, start, size)  # on the CPU: synchronised
+                sampling += time.perf_counter() - began
+                began = time.perf_counter()
+                features.append(self.fid.features(images))
+                extracting += time.perf_counter() - began
+                if sum(len(g) for g in grid) < GRID_SAMPLES:
+                    grid.append(images[:GRID_SAMPLES])
+                bar.update(len(images))
+        began = time.perf_counter()
+        fid = self.fid.score_features(torch.cat(features), self.labels)
+        cost = sample_cost(model.config, schedule, solver)
+        base = sample_cost(model.config, Schedule.from_stages([model.config.base_patch]), solver)
         return EvalResult(str(schedule), fid, cost.gmacs, cost.macs / base.macs,
-                          {"steps": sampler.steps, "solver": sampler.solver, "guidance": sampler.guidance,
+                          {"steps": solver.steps, "solver": solver.solver, "guidance": solver.guidance,
+                           "bf16": solver.bf16, "cuda_graphs": solver.cuda_graphs, "compile": solver.compile,
                            "seed": self.config.seed},
-                          sampling_seconds, time.perf_counter() - start)
+                          sampling, extracting + time.perf_counter() - began, torch.cat(grid)[:GRID_SAMPLES])
 
 
 def save_grid(images: torch.Tensor, path, title: str | None = None, nrow: int = 10, min_cell: int = 64) -> None:

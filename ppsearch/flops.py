@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .flow import SamplerConfig, steps_per_stage
+from .flow import SolverConfig, steps_per_stage
 from .models import PPFlowConfig
 from .schedule import PatchShape, Schedule
 
@@ -74,7 +74,7 @@ class SampleCost:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
-def sample_cost(config: PPFlowConfig, schedule: Schedule, sampler: SamplerConfig = SamplerConfig(),
+def sample_cost(config: PPFlowConfig, schedule: Schedule, sampler: SolverConfig = SolverConfig(),
                 decode_macs: int = 0) -> SampleCost:
     """MACs per generated sample: each step costs ``evals_per_step`` forwards, doubled where
     the stage's guidance scale is not 1 (the unconditional pass)."""
@@ -88,7 +88,7 @@ def sample_cost(config: PPFlowConfig, schedule: Schedule, sampler: SamplerConfig
     return SampleCost(tuple(stages), decode_macs)
 
 
-def relative_cost(config: PPFlowConfig, schedule: Schedule, sampler: SamplerConfig = SamplerConfig()) -> float:
+def relative_cost(config: PPFlowConfig, schedule: Schedule, sampler: SolverConfig = SolverConfig()) -> float:
     """Sampling MACs of ``schedule`` over the base model's (one stage at the base patch)."""
     base = Schedule.from_stages([config.base_patch])
     return sample_cost(config, schedule, sampler).macs / sample_cost(config, base, sampler).macs

@@ -125,10 +125,15 @@ def flow_loss(model, x1, y, schedule: Schedule, generator=None, packed=False, bf
     """
     t = torch.rand(x1.shape[0], device=x1.device, generator=generator)
     x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
+    return sample_losses(model, x1, y, t, x0, schedule, packed, bf16).mean(), t
+
+
+def sample_losses(model, x1, y, t, x0, schedule: Schedule, packed=False, bf16=False) -> torch.Tensor:
+    """Each sample's velocity MSE (weighted by :func:`loss_weights`) at its time ``t`` and noise
+    ``x0``, routed to its stage's patch shape."""
     with autocast(x1.device, bf16):
         v = velocity(model, interpolate(x0, x1, t), t, y, stage_patches(schedule, t), packed=packed)
-    error = (v - velocity_target(x0, x1).float()).square().flatten(1).mean(1)
-    return (loss_weights(model, t) * error).mean(), t
+    return loss_weights(model, t) * (v - velocity_target(x0, x1).float()).square().flatten(1).mean(1)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -161,7 +166,7 @@ def update_ema(ema, model, decay):
 #################################################################################
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SolverConfig:
     """ODE solver settings. ``steps``: total steps (split over stages in proportion to their
     length, at least one each) or a list with one count per stage."""
 
@@ -267,7 +272,7 @@ def compiled(model):
     return _compiled[model]
 
 
-def _velocity(model, net, patch, scale, x, config: SamplerConfig) -> _Velocity:
+def _velocity(model, net, patch, scale, x, config: SolverConfig) -> _Velocity:
     """The stage's velocity function; CUDA graphs are kept per model and input shape."""
     if not config.cuda_graphs:
         return _Velocity(net, patch, scale, config.bf16)
@@ -279,7 +284,7 @@ def _velocity(model, net, patch, scale, x, config: SamplerConfig) -> _Velocity:
 
 
 @torch.no_grad()
-def sample(model, schedule: Schedule, noise, y, config: SamplerConfig = SamplerConfig()):
+def sample(model, schedule: Schedule, noise, y, config: SolverConfig = SolverConfig()):
     """Integrate the probability-flow ODE from ``noise`` (t = 0) to data (t = 1).
 
     Each step uses the patch shape and guidance of the stage it lies in; Heun's corrector

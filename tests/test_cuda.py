@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ppsearch.flow import SamplerConfig, fixed_noise, sample
+from ppsearch.flow import SolverConfig, fixed_noise, sample
 from ppsearch.models import PPFlowDiT, _has_varlen_attention, ppflow_variant, varlen_attn
 from ppsearch.schedule import Schedule
 
@@ -35,22 +35,22 @@ def test_packed_matches_grouped_on_cuda(cuda_model):
 
 
 def test_cuda_graphs_match_eager(cuda_model):
-    eager = _run(cuda_model, SamplerConfig(steps=6, guidance=2.0, solver="heun"))
-    graphs = SamplerConfig(steps=6, guidance=2.0, solver="heun", cuda_graphs=True)
+    eager = _run(cuda_model, SolverConfig(steps=6, guidance=2.0, solver="heun"))
+    graphs = SolverConfig(steps=6, guidance=2.0, solver="heun", cuda_graphs=True)
     first, second = _run(cuda_model, graphs), _run(cuda_model, graphs)  # second call replays
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(first, second)
 
 
 def test_bf16_is_close_to_fp32(cuda_model):
-    full = _run(cuda_model, SamplerConfig(steps=6, guidance=2.0))
-    half = _run(cuda_model, SamplerConfig(steps=6, guidance=2.0, bf16=True))
+    full = _run(cuda_model, SolverConfig(steps=6, guidance=2.0))
+    half = _run(cuda_model, SolverConfig(steps=6, guidance=2.0, bf16=True))
     assert (half - full).abs().max() < 0.05 * full.abs().max()
 
 
 def test_compile_matches_eager(cuda_model):
-    eager = _run(cuda_model, SamplerConfig(steps=4))
-    torch.testing.assert_close(_run(cuda_model, SamplerConfig(steps=4, compile=True)), eager, rtol=1e-3, atol=1e-3)
+    eager = _run(cuda_model, SolverConfig(steps=4))
+    torch.testing.assert_close(_run(cuda_model, SolverConfig(steps=4, compile=True)), eager, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(varlen_attn is None, reason="this PyTorch has no variable-length attention")

@@ -32,7 +32,8 @@ def test_eval_reports_fid_with_its_details(capsys, tmp_path):
     assert report["fid"]["reference_key"].startswith("digits-reference-16-ppsearch-digits")
     assert report["untrained_patch_shapes"] == ["4x4"]  # the embedded base knows 2x2 only
     assert 0.5 < report["relative_gmacs"] < 0.7 and report["gmacs"] > 0
-    assert report["sampler"] == {"steps": 2, "solver": "euler", "guidance": 1.0, "seed": 0}
+    assert report["sampler"] == {"steps": 2, "solver": "euler", "guidance": 1.0, "seed": 0, "bf16": False,
+                                 "cuda_graphs": False, "compile": False}
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["schedule"] == "4x4@0.5,2x2"
     assert (tmp_path / "out" / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = _eval(capsys, tmp_path, "--schedule", "2x2", "--num-samples", "100")
@@ -92,14 +93,14 @@ def test_latent_path_end_to_end_with_a_tiny_vae(tmp_path):
     torch.save(Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict(), weights)
     config = load_trainer("pretrain_tiny", [
         "data.name=latents", f"data.path={tmp_path / 'lat'}", "data.resolution=8", "steps=2", "batch_size=4",
-        "progress=false", f"out_dir={tmp_path / 'run'}", "eval.num_samples=8", "eval.batch_size=8", "eval.steps=2",
+        "progress=false", f"out_dir={tmp_path / 'run'}", "eval.num_samples=10", "eval.batch_size=5", "eval.steps=2",
         "eval.fid.extractor=inception", f"eval.fid.feature_extractor_weights_path={weights}",
         "eval.fid.feature_layer=64", "eval.fid.num_splits=2", f"eval.fid.cache_dir={tmp_path / 'fid'}"])
     model = train(config).model
     assert model.config.in_channels == 4 and model.config.input_size == (8, 8)
     evaluator = Evaluator(config.eval, config.data, torch.device("cpu"))
-    samples = evaluator.sample(model, Schedule.parse("2x2"))
-    assert samples.shape == (8, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1  # decoded images
+    samples = evaluator.sample(model, Schedule.parse("2x2"))  # one batch
+    assert samples.shape == (5, 3, 16, 16) and samples.min() >= -1 and samples.max() <= 1  # decoded images
     result = evaluator(model, Schedule.parse("2x2"))
-    assert result.fid.extractor == "inception-v3-compat" and result.fid.num_samples == 8
+    assert result.fid.extractor == "inception-v3-compat" and result.fid.num_samples == 10
     assert result.fid.fid == result.fid.fid  # finite number, not NaN

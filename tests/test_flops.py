@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 
 from ppsearch.cli import main
 from ppsearch.flops import forward_macs, relative_cost, sample_cost, train_step_macs
-from ppsearch.flow import SamplerConfig
+from ppsearch.flow import SolverConfig
 from ppsearch.models import PPFlow_models, PPFlowConfig, PPFlowDiT, ppflow_variant
 from ppsearch.schedule import Schedule
 
@@ -37,9 +37,9 @@ def test_dit_xl_2_is_118_6_gmacs():
 
 def test_ppf_xl_3_is_about_half_of_the_base():
     config = PPFlowConfig()
-    ratio = relative_cost(config, Schedule.parse("4x4@0.5,2x4@0.75,2x2"), SamplerConfig(steps=100))
+    ratio = relative_cost(config, Schedule.parse("4x4@0.5,2x4@0.75,2x2"), SolverConfig(steps=100))
     assert 0.494 <= ratio <= 0.4955
-    ratio2 = relative_cost(config, Schedule.parse("4x4@0.5,2x2"), SamplerConfig(steps=100))
+    ratio2 = relative_cost(config, Schedule.parse("4x4@0.5,2x2"), SolverConfig(steps=100))
     assert ratio2 == pytest.approx(0.622, abs=0.002)
 
 
@@ -60,11 +60,11 @@ def test_formula_matches_flop_counter_non_square_latent():
 def test_guidance_doubles_forwards_only_where_scale_is_not_one():
     config = PPFlowConfig()
     schedule = Schedule.parse("4x4@0.5:cfg1.0,2x2:cfg1.5")
-    cost = sample_cost(config, schedule, SamplerConfig(steps=10, solver="heun"))
+    cost = sample_cost(config, schedule, SolverConfig(steps=10, solver="heun"))
     assert [s.forwards for s in cost.stages] == [10, 20]  # 5 Heun steps = 10 evals, x2 for guidance
     assert cost.macs == 10 * forward_macs(config, "4x4") + 20 * forward_macs(config, "2x2")
     assert cost.gflops == pytest.approx(2 * cost.gmacs)
-    assert sample_cost(config, schedule, SamplerConfig(steps=10), decode_macs=7).macs == 5 * forward_macs(
+    assert sample_cost(config, schedule, SolverConfig(steps=10), decode_macs=7).macs == 5 * forward_macs(
         config, "4x4") + 10 * forward_macs(config, "2x2") + 7
 
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ppsearch.flow import (NonFiniteLoss, SamplerConfig, fixed_noise, flow_loss, interpolate, sample,
+from ppsearch.flow import (NonFiniteLoss, SolverConfig, fixed_noise, flow_loss, interpolate, sample,
                            stage_patches, steps_per_stage, time_grid, train_step, update_ema)
 from ppsearch.models import PPFlowDiT, ppflow_variant
 from ppsearch.schedule import PatchShape, Schedule
@@ -55,7 +55,7 @@ def test_solver_converges_at_its_order(solver, order):
     exact = x0 * math.exp(-1)
     errors = []
     for steps in (8, 16, 32):
-        out = sample(LinearField(), PPF3, x0, torch.zeros(2, dtype=torch.long), SamplerConfig(steps=steps, solver=solver))
+        out = sample(LinearField(), PPF3, x0, torch.zeros(2, dtype=torch.long), SolverConfig(steps=steps, solver=solver))
         errors.append((out - exact).abs().max().item())
     for coarse, fine in zip(errors, errors[1:]):
         assert coarse / fine == pytest.approx(2 ** order, rel=0.15)
@@ -65,7 +65,7 @@ def test_each_step_uses_its_stage_patch_and_guidance():
     model = LinearField(uncond_offset=1.0)
     schedule = Schedule.parse("4x4@0.5:cfg1.0,2x4@0.75:cfg3.0,2x2")
     x = torch.zeros(2, 1, 4, 4)
-    out = sample(model, schedule, x, torch.zeros(2, dtype=torch.long), SamplerConfig(steps=8, guidance=2.0))
+    out = sample(model, schedule, x, torch.zeros(2, dtype=torch.long), SolverConfig(steps=8, guidance=2.0))
     assert [(n, p) for n, p, _ in model.calls] == [(2, "4x4")] * 4 + [(4, "2x4")] * 2 + [(4, "2x2")] * 2
     assert all(0.5 <= t < 0.75 for _, p, t in model.calls if p == "2x4")
     # v = u + s (c - u) with c - u = -1 from the offset: x = 0 stays 0 in stage 1, then moves
@@ -78,7 +78,7 @@ def test_each_step_uses_its_stage_patch_and_guidance():
 
 def test_heun_corrector_stays_in_stage():
     model = LinearField()
-    sample(model, PPF3, torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long), SamplerConfig(steps=4, solver="heun"))
+    sample(model, PPF3, torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long), SolverConfig(steps=4, solver="heun"))
     assert [(p, t) for _, p, t in model.calls] == [
         ("4x4", 0.0), ("4x4", 0.25), ("4x4", 0.25), ("4x4", 0.5), ("2x4", 0.5), ("2x4", 0.75), ("2x2", 0.75), ("2x2", 1.0)]
 
@@ -88,7 +88,7 @@ def test_sampling_is_deterministic_under_a_seed(tiny_model):
     noise = fixed_noise(4, (3, 16, 16), seed=7)
     assert torch.equal(noise, fixed_noise(4, (3, 16, 16), seed=7))
     y = torch.arange(4)
-    config = SamplerConfig(steps=6, guidance=1.5)
+    config = SolverConfig(steps=6, guidance=1.5)
     first = sample(model, PPF3, noise, y, config)
     assert torch.equal(first, sample(model, PPF3, noise, y, config))
     assert first.shape == noise.shape and torch.isfinite(first).all()
@@ -132,6 +132,6 @@ def test_nan_loss_is_an_error(tiny_model):
 def test_bf16_autocast_switch_runs(tiny_model):
     noise = fixed_noise(2, (3, 16, 16), seed=0)
     out = sample(tiny_model, Schedule.parse("2x2"), noise, torch.zeros(2, dtype=torch.long),
-                 SamplerConfig(steps=2, bf16=True))
-    full = sample(tiny_model, Schedule.parse("2x2"), noise, torch.zeros(2, dtype=torch.long), SamplerConfig(steps=2))
+                 SolverConfig(steps=2, bf16=True))
+    full = sample(tiny_model, Schedule.parse("2x2"), noise, torch.zeros(2, dtype=torch.long), SolverConfig(steps=2))
     assert out.dtype == torch.float32 and (out - full).abs().max() < 0.1

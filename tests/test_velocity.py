@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppsearch.flow import (SamplerConfig, flow_loss, interpolate, sample, velocity, vp_step, vp_time_range)
+from ppsearch.flow import (SolverConfig, flow_loss, interpolate, sample, velocity, vp_step, vp_time_range)
 from ppsearch.models import PPFlowDiT, build_named, ppflow_variant
 from ppsearch.schedule import Schedule
 
@@ -79,7 +79,7 @@ def test_sampling_an_exact_epsilon_model_transports_noise_to_the_data():
     mu, s = 0.7, 0.4
     noise = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     out = sample(ExactEpsilon(mu, s), Schedule.parse("2x2"), noise, torch.zeros(64, dtype=torch.long),
-                 SamplerConfig(steps=400, solver="heun"))
+                 SolverConfig(steps=400, solver="heun"))
     assert (out - (mu + s * noise)).abs().max() < 2e-2
 
 
@@ -92,7 +92,7 @@ def test_sampling_a_dit_base_follows_the_conversion_step_by_step():
     model = _epsilon_model()
     noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([1, 2, 3])
-    out = sample(model, Schedule.parse("2x2"), noise, y, SamplerConfig(steps=5))
+    out = sample(model, Schedule.parse("2x2"), noise, y, SolverConfig(steps=5))
     x, times = noise.clone(), np.linspace(0, 1, 6)
     low, high = flow_time(999), flow_time(0)
     with torch.no_grad():
