@@ -45,6 +45,11 @@ class EvalConfig:
     solver: str = setting("euler", choices=("euler", "heun"))
     guidance: float = setting(1.0, low=0.0)  # for stages whose guidance the schedule leaves open
     seed: int = 0
+    # Speed switches of the sampler (ppsearch.flow.SolverConfig): bf16 autocast, CUDA graphs
+    # (CUDA only; ignored elsewhere), torch.compile. They change the numbers only by rounding.
+    bf16: bool = False
+    cuda_graphs: bool = False
+    compile: bool = False
     # Latent datasets: the VAE that decodes samples and the image folder FID's reference is drawn
     # from (None: those the latents were made with, from their meta.json). The images are read
     # only when the reference statistics are not cached yet.
@@ -72,16 +77,33 @@ class TrainerConfig:
     ema_decay: float = setting(0.999, low=0.0, high=1.0)  # warmed up as min(decay, step / (step + 10)); 0: no EMA
     class_dropout_prob: float = setting(0.1, low=0.0, high=1.0)
     packed: bool = False
-    bf16: bool = False
-    compile: bool = False
+    bf16: bool = False  # bf16 autocast; on CUDA, float32 matmuls use TF32 either way
+    # No torch.compile for training: each step routes every sample to its stage, so the batch
+    # each patch shape sees changes from step to step and a compiled model would recompile. The
+    # evaluation's sampler (eval.compile) runs fixed shapes and may compile.
     seed: int = 0
     device: str = "auto"  # auto: cuda when available; cpu, cuda, cuda:N
     threads: int | None = setting(None, low=1)  # CPU threads (None: torch's default)
+    # Data-loader processes for datasets read from files (latents): null: the CPUs this run may
+    # use (threads, else those Ray reserved for the trial, else the machine's) less one.
+    loader_workers: int | None = setting(None, low=0)
     log_every: int = setting(50, low=0)
     checkpoint_every: int = setting(0, low=0)  # 0: only at the end
     keep_train_state: bool = True  # keep the optimiser state at the end (to resume or train on)
     out_dir: str = "runs/train"
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; elsewhere a line every log_every steps
+    eval_every: int = setting(0, low=0)  # FID of the EMA weights every N steps (0: not during training)
+    eval_at_end: bool = False  # FID of the final EMA weights (a full training; a trial scores its own)
+    # Where the steps run. 0 workers: this process (trials). N >= 1: N Ray Train workers (DDP, one
+    # process per GPU with use_gpu) on the Ray cluster at ray_address (null: RAY_ADDRESS if set, else
+    # a local one); out_dir must be a folder every worker sees. batch_size is the global batch: each
+    # worker takes batch_size / (num_workers x accumulation) samples per micro-step.
+    num_workers: int = setting(0, low=0)
+    use_gpu: bool = False
+    accumulation: int = setting(1, low=1)
+    ray_address: str | None = None
+    # A full training's settings, put over these by `ppsearch export` (a trial runs without them).
+    full_training: dict[str, Any] | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -124,11 +146,15 @@ class StudyConfig:
     max_gmacs: float | None = setting(None, above=0.0)  # GMACs budget per sample; proposals above it never run
     seed: int = 0
     baselines: bool = True  # run the base, PPF-2 and PPF-3 first
+    replicate_base: bool = True  # train the base twice (another seed): the study's training noise
     checkpoint_dir: str = "runs/checkpoints"
     export_dir: str = "exports"
     lease_timeout: float = setting(120.0, above=0.0)  # s without a heartbeat before a driver's lease is stale
     database_retry_seconds: float = setting(600.0, low=0.0)  # how long a failing database write is retried
     on_interrupt: str = setting("cancel", choices=("cancel", "finish"))  # running trials on SIGINT / SIGTERM
+    # Delete the weights of trials that are off the front (their record, samples and log stay),
+    # where the driver sees checkpoint_dir (a shared filesystem): a 60-trial XL study keeps ~650 GB.
+    prune_off_front: bool = False
     # What a worker runs for one trial: f(trainer, schedule_text, out_dir, shared) -> result dict.
     # Benchmarks and tests of the orchestration put a stand-in here.
     trial_function: str = "ppsearch.trial:run_trial"

@@ -139,7 +139,11 @@ def test_export_loads_as_a_trainer_config(study, tmp_path):
     trainer = load_trainer(str(path))
     assert trainer.schedule == "4x4@0.8:cfg1.5,2x2"  # the stage's guidance travels in the schedule
     assert trainer.out_dir == "runs/demo-trial4"
-    assert dataclasses.replace(trainer, schedule=study.trainer.schedule, out_dir=study.trainer.out_dir) == study.trainer
+    recipe = {k: v for k, v in (study.trainer.full_training or {}).items() if k != "about"}
+    assert trainer.full_training is None and trainer.steps == recipe.get("steps", study.trainer.steps)
+    expected = dataclasses.replace(study.trainer, schedule=trainer.schedule, out_dir=trainer.out_dir, full_training=None,
+                                   eval=trainer.eval, **{k: v for k, v in recipe.items() if k != "eval"})
+    assert trainer == expected  # the study's trainer with its full-training recipe, nothing else
 
 
 def test_export_refuses_unknown_and_unfinished_trials(study):
