@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .flow import SamplerConfig
+from .flow import SolverConfig
 from .schedule import Schedule
 from .store import hidden_password
 
@@ -54,7 +54,7 @@ def cmd_flops(args):
     model = resolve_model(args.model, with_weights=False, input_size=args.input_size)
     schedule = Schedule.parse(args.schedule)
     schedule.check_for(model.config.input_size, model.config.base_patch)
-    sampler = SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.cfg)
+    sampler = SolverConfig(steps=args.steps, solver=args.solver, guidance=args.cfg)
     cost = sample_cost(model.config, schedule, sampler)
     base = sample_cost(model.config, Schedule.from_stages([model.config.base_patch]), sampler)
     report = {"model": args.model, "schedule": str(schedule), "steps": args.steps, "solver": args.solver,
@@ -83,7 +83,7 @@ def cmd_sample(args):
     noise = fixed_noise(args.num_samples, (config.in_channels, *config.input_size), args.seed)
     y = torch.arange(args.num_samples) % config.num_classes
     start = time.perf_counter()
-    out = sample(model, schedule, noise, y, SamplerConfig(steps=args.steps, solver=args.solver, guidance=args.cfg))
+    out = sample(model, schedule, noise, y, SolverConfig(steps=args.steps, solver=args.solver, guidance=args.cfg))
     elapsed = time.perf_counter() - start
     print(f"sampled {args.num_samples} latents {tuple(out.shape[1:])} under {schedule} in {elapsed:.2f} s "
           f"({args.num_samples / elapsed:.1f} samples/s)")
@@ -205,13 +205,19 @@ def cmd_status(args):
 
     config = _study_from_args(args.overrides)
     with query.open_study(config) as view:
-        table, front, lease = view.trials(), view.front(), view.lease()
+        table, front, lease, stored = view.trials(), view.front(), view.lease(), view.config()
+        noise = view.training_noise()
     counts = table.state.value_counts()
     states = ("COMPLETE", "FAIL", "RUNNING", "PRUNED", "WAITING")
     print(f"study {config.name} in {hidden_password(config.storage)}: {len(table)} trials, "
           + ", ".join(f"{counts.get(state, 0)} {state}" for state in states if counts.get(state, 0) or state in states[:3]))
     print(f"driver: {lease.describe()}" if lease else "driver: none running"
           + ("; the RUNNING trials were interrupted and resume on the next launch" if counts.get("RUNNING") else ""))
+    print(_cost_text(table, stored))
+    if noise:
+        print(f"noise: FID +- is the sampling noise of each trial; training noise (the base trained twice, "
+              f"trials {' and '.join(map(str, noise['trials'][0]))}, FID gap {noise['gaps'][0]:+.2f}) is about "
+              f"+- {noise['std']:.2f} more per trial")
     pruned = table[table.state == "PRUNED"]
     if not pruned.empty:
         reasons = pruned.reason.fillna("?").str.replace(r" \d+$", " N", regex=True).str.replace(
@@ -225,6 +231,22 @@ def cmd_status(args):
         error = r.error.strip().splitlines()[0] if isinstance(r.error, str) and r.error.strip() else "no message"
         attempts = int(r.attempts) if r.attempts == r.attempts and r.attempts is not None else 1
         print(f"  trial {r.trial} {r.schedule} ({attempts} attempt{'s' if attempts != 1 else ''}): {error}")
+
+
+def _cost_text(table, config) -> str:
+    """Device-hours the study's trials took (trial wall time x GPUs per trial, or worker-hours
+    on CPUs) and the projected remainder for the results the budget has left."""
+    gpus = config.ray.num_gpus_per_trial
+    unit = "GPU-hours" if gpus else "worker-hours"
+    finished = table[table.state.isin(["COMPLETE", "FAIL"])]
+    seconds = [t.get("total", 0.0) for t in finished.timings if isinstance(t, dict)]
+    spent = sum(seconds) * (gpus or 1) / 3600
+    left = max(0, config.n_trials - len(finished))
+    if not seconds:
+        return f"compute: nothing finished yet; {left} results to go"
+    per_trial = spent / len(seconds)
+    return (f"compute: {spent:.2f} {unit} spent on {len(seconds)} results ({per_trial:.3f} per trial); "
+            f"about {per_trial * left:.2f} more for the {left} left of n_trials={config.n_trials}")
 
 
 def cmd_show(args):
@@ -302,17 +324,51 @@ def cmd_export(args):
 
     config = _study_from_args(args.overrides)
     trial = args.trial if args.pick is None else query.pick_trial(query.front(config), args.pick)
-    out = query.export_trial(config, trial=trial, out=args.out)
-    print(f"exported trial {trial} of study {config.name} to {out}; train it with: ppsearch train {out}")
+    out = query.export_trial(config, trial=trial, out=args.out, format=args.format)
+    then = {"yaml": f"; train it with: ppsearch train {out}", "json": " (the schedule, its GMACs and FID)",
+            "official": " (arguments of the official PPFlow code's train.py and sample.py)"}[args.format]
+    print(f"exported trial {trial} of study {config.name} to {out}{then}")
 
 
 def cmd_train(args):
-    from .train import train
+    """Train; the first SIGINT or SIGTERM stops after the step in flight with a checkpoint, a
+    second at once; either way one line says how to resume (exit 130 / 143)."""
+    import signal
+    import threading
+
+    from .train import Stopped, evaluations, train
 
     config = _trainer_from_args(args.overrides, args.default_trainer)
-    result = train(config)
+    stop, signals = threading.Event(), []
+
+    def request_stop(number, frame):
+        signals.append(signal.Signals(number).name)
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = train(config, stop=stop.is_set)
+    except KeyboardInterrupt as err:
+        where = (f"checkpoint at step {err.step} in {config.out_dir}" if isinstance(err, Stopped) and err.saved
+                 else f"no new checkpoint ({config.out_dir} keeps its last, if any)")
+        name = signals[0] if signals else "SIGINT"
+        words = " ".join(shlex.quote(w) for w in [args.command, *args.overrides])
+        print(f"ppsearch {args.command}: stopped by {name}: {where}; resume with: ppsearch {words}", file=sys.stderr)
+        sys.exit(143 if name == "SIGTERM" else 130)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    fid = result.fid or evaluations(Path(config.out_dir)).get(str(result.steps))
+    fid_text = (f"; FID {fid['fid']:.2f} +- {fid['fid_std'] or 0:.2f} ({fid['num_samples']} samples, "
+                f"{fid['extractor']})" if fid else "")
+    if result.resumed_from >= result.steps:
+        print(f"{config.schedule}: already trained to step {result.steps} in {config.out_dir} (raise steps to "
+              f"train on){fid_text}; weights: {result.checkpoint}")
+        return
     print(f"trained {config.schedule} for {result.steps} steps (final loss {result.final_loss:.4f}, "
-          f"{result.steps_per_second:.2f} steps/s); weights: {result.checkpoint}")
+          f"{result.steps_per_second:.2f} steps/s){fid_text}; weights: {result.checkpoint}")
 
 
 def cmd_eval(args):
@@ -332,15 +388,14 @@ def cmd_eval(args):
     untrained = [str(p) for p in schedule.patch_shapes if p not in base.config.patch_shapes]
     model = build_model(config, data.shape, data.num_classes, base).to(device)
     evaluator = Evaluator(config.eval, config.data, device)
-    images, sampling_seconds = evaluator.timed_sample(model, schedule)
-    result = evaluator.score(model, schedule, images, sampling_seconds)
+    result = evaluator(model, schedule)
     report = {"checkpoint": config.base, "untrained_patch_shapes": untrained, **result.to_dict(),
               "wall_seconds": time.perf_counter() - start}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-        save_grid(images, out / "samples.png", title=f"{schedule}  ({args.checkpoint or 'the embedded base'})")
+        save_grid(result.images, out / "samples.png", title=f"{schedule}  ({args.checkpoint or 'the embedded base'})")
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -425,11 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=study_words)
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("export", help="a trial's schedule as a trainer config that ppsearch train runs")
+    p = sub.add_parser("export", help="a trial's schedule: a full-training config for ppsearch train, JSON, or "
+                                      "the official PPFlow code's arguments")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int, help="a COMPLETE trial's number")
     which.add_argument("--pick", help="knee (the front's best trade-off) or best-fid-under-gmacs=X")
-    p.add_argument("--out", help="the YAML file to write (default: EXPORT_DIR/STUDY-trialN.yaml)")
+    p.add_argument("--format", choices=["yaml", "json", "official"], default="yaml",
+                   help="yaml: a trainer config with the study's full-training recipe, which ppsearch train runs; "
+                        "json: the schedule with the trial's GMACs and FID; official: arguments of the official "
+                        "PPFlow code (PPF-2 and PPF-3 only)")
+    p.add_argument("--out", help="the file to write (default: EXPORT_DIR/STUDY-trialN.yaml, .json or .sh)")
     p.add_argument("overrides", nargs="*", help=study_words)
     p.set_defaults(func=cmd_export)
 
@@ -443,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "pretrain_tiny), then key=value overrides, e.g. eval.steps=50")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="train a PPFlow variant from a trainer config (resumable)")
-    p.add_argument("overrides", nargs="*", help="FILE.yaml or trainer=NAME, then key=value overrides")
+    p = sub.add_parser("train", help="train a PPFlow variant from a trainer config (resumable; Ctrl-C checkpoints; "
+                                     "num_workers=N trains on N Ray Train workers)")
+    p.add_argument("overrides", nargs="*", help="FILE.yaml or trainer=NAME, then key=value overrides "
+                                                "(e.g. num_workers=8 use_gpu=true)")
     p.set_defaults(func=cmd_train, default_trainer=None)
 
     p = sub.add_parser("pretrain", help="pretrain the embedded tiny base (trainer pretrain_tiny; resumable)")
@@ -472,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
     for name, kind in {"launch": "study", "status": "study", "show": "study", "front": "study", "plot": "study",
                        "export": "study", "train": "trainer", "pretrain": "trainer", "eval": "trainer"}.items():
-        sub.choices[name].add_argument("--cfg", choices=["job"], help="print the composed config and stop")
+        sub.choices[name].add_argument("--cfg", choices=["job"], dest="print_config",
+                                       help="print the composed config and stop")
         sub.choices[name].set_defaults(config_kind=kind)
     return parser
 
@@ -486,7 +549,7 @@ def main(argv=None):
         parser._subparsers._group_actions[0].choices[args.command].error(
             f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        if getattr(args, "cfg", None):
+        if getattr(args, "print_config", None):
             return _print_config(args)
         args.func(args)
     except PPSearchError as err:  # a user's mistake or a missing resource; anything else is a bug

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +36,7 @@ from .data import load_dataset
 from .errors import PPSearchError
 from .evaluate import reference_statistics
 from .flops import sample_cost
-from .flow import SamplerConfig
+from .flow import SolverConfig
 from .runners import InlineRunner, RayRunner, Shared, TrialRunner, WorkerLost
 from .schedule import Schedule
 from .space import SearchSpace, baselines
@@ -81,10 +81,11 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
     raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp, grid")
 
 
-def trial_folder(checkpoint_dir: str, study_name: str, study_uid: str, schedule: str) -> Path:
-    """Where a trial's files live: keyed by the study's unique id and the schedule, so a study
-    never reads another's files and a trial started again finds its own."""
-    slug = schedule.replace(",", "_").replace(":", "-")
+def trial_folder(checkpoint_dir: str, study_name: str, study_uid: str, schedule: str, seed: int | None = None) -> Path:
+    """Where a trial's files live: keyed by the study's unique id and the schedule (and the
+    training seed of a replicate), so a study never reads another's files and a trial started
+    again finds its own."""
+    slug = schedule.replace(",", "_").replace(":", "-") + ("" if seed is None else f"-seed{seed}")
     if len(slug) > 100 or not re.fullmatch(r"[A-Za-z0-9@._-]+", slug):
         slug = f"{re.sub(r'[^A-Za-z0-9@._-]+', '_', slug)[:80]}-{hashlib.sha256(schedule.encode()).hexdigest()[:12]}"
     return Path(checkpoint_dir) / f"{study_name}-{study_uid[:8]}" / slug
@@ -144,6 +145,7 @@ class Running:
     folder: str
     started: float
     attempts: int = 1
+    replicate_of: int | None = None  # the base trained again with another seed: training noise
 
 
 @dataclass
@@ -158,6 +160,8 @@ class Loop:
     idle: int = 0  # proposals in a row that added nothing
     grid: list[Schedule] | None = None  # schedules the grid sampler has left to propose
     baselines_done: bool = False
+    replicated: bool = False  # the base's replicate is proposed
+    scored: set[str] = field(default_factory=set)  # schedules with a COMPLETE trial
     durations: list[float] = field(default_factory=list)
     stop: str | None = None  # the signal that asked the driver to stop
     last_progress: tuple = ()
@@ -200,7 +204,7 @@ class Driver:
         self.model_config = self.base.config
         self.space = SearchSpace(config.search_space, self.model_config.base_patch, self.model_config.input_size,
                                  trainer.eval.guidance)
-        self.sampler_config = SamplerConfig(steps=trainer.eval.steps, solver=trainer.eval.solver,
+        self.solver_config = SolverConfig(steps=trainer.eval.steps, solver=trainer.eval.solver,
                                             guidance=trainer.eval.guidance)
         most = max(config.search_space.stage_counts)
         if trainer.eval.steps < most:
@@ -330,9 +334,15 @@ class Driver:
         loop = Loop(slots=slots, shared=shared)
         trials = self._trials()
         for t in trials:
-            if t.state in (TrialState.COMPLETE, TrialState.FAIL) and self._ours(t):
+            if not self._ours(t):
+                continue
+            if "replicate_of" in t.user_attrs:
+                loop.replicated = True
+            elif t.state in (TrialState.COMPLETE, TrialState.FAIL):
                 loop.done.setdefault(t.user_attrs["schedule"], t.number)
                 loop.counted += 1
+                if t.state == TrialState.COMPLETE:
+                    loop.scored.add(t.user_attrs["schedule"])
         if self.config.sampler == "grid":
             order = self.space.schedules()
             import random
@@ -347,19 +357,23 @@ class Driver:
 
     def _resume(self, loop: Loop, trial):
         text = trial.user_attrs.get("schedule")
-        if text is None or not self._ours(trial) or text in loop.done:
+        if text is None or not self._ours(trial) or (text in loop.done and "replicate_of" not in trial.user_attrs):
             reason = ("a proposal the driver left unfinished" if text is None else
                       f"repeat of trial {loop.done[text]}" if text in loop.done else "made under other settings")
             self._prune(trial.number, reason)
             return
         self.log(f"trial {trial.number} {text} was left running by a stopped driver: starting it again")
         attempts = int(trial.user_attrs.get("attempts", 1)) + 1
-        self._submit(loop, trial.number, text, trial.user_attrs.get("baseline"), attempts)
+        self._submit(loop, trial.number, text, trial.user_attrs.get("baseline"), attempts,
+                     trial.user_attrs.get("replicate_of"))
 
     # -- filling free slots --------------------------------------------------------------------------
     def _fill(self, loop: Loop):
         while (len(loop.running) < loop.slots and loop.counted + len(loop.running) < self.config.n_trials
                and loop.idle < _MAX_IDLE_PROPOSALS and loop.grid != [] and not self.stop_signal):
+            if self._replicate_due(loop):
+                self._replicate(loop)
+                continue
             number, trial_id, schedule, baseline = self._propose(loop)
             text = str(schedule)
             loop.idle += 1
@@ -373,6 +387,25 @@ class Driver:
                 loop.idle = 0
                 self._submit(loop, number, text, baseline, 1)
 
+    def _replicate_due(self, loop: Loop) -> bool:
+        base = str(baselines(self.model_config.base_patch)["base"])
+        return self.config.replicate_base and not loop.replicated and base in loop.scored
+
+    def _replicate(self, loop: Loop):
+        """The base trained once more with another seed, scored on the same noise and labels:
+        the study's measure of training noise. Told PRUNED (never a second front point) with
+        its FID in its record; it does not count against the budget."""
+        base = baselines(self.model_config.base_patch)["base"]
+        original = loop.done[str(base)]
+        self.retry(lambda: self.study.enqueue_trial(self.space.params(base), user_attrs={
+            "replicate_of": original, "baseline": "base, seed + 1"}, skip_if_exists=False), "queueing a replicate")
+        trial = self.retry(self.study.ask, "asking for a trial")
+        self.space.suggest(trial)
+        for key, value in {"schedule": str(base), "settings": self.settings}.items():
+            self.retry(lambda: trial.set_user_attr(key, value), "describing a trial")
+        loop.replicated = True
+        self._submit(loop, trial.number, str(base), "base, seed + 1", 1, original)
+
     def _propose(self, loop: Loop):
         """Ask the study for a trial: the next missing baseline or grid schedule first (enqueued
         just before the ask, so no WAITING trial outlives the launch), else the sampler's choice."""
@@ -384,8 +417,8 @@ class Driver:
         trial = self.retry(self.study.ask, "asking for a trial")
         schedule = self.space.suggest(trial)
         text = str(schedule)
-        cost = sample_cost(self.model_config, schedule, self.sampler_config)
-        base = sample_cost(self.model_config, Schedule.from_stages([self.model_config.base_patch]), self.sampler_config)
+        cost = sample_cost(self.model_config, schedule, self.solver_config)
+        base = sample_cost(self.model_config, Schedule.from_stages([self.model_config.base_patch]), self.solver_config)
         folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text)
         for key, value in {"schedule": text, "gmacs": cost.gmacs, "relative_gmacs": cost.macs / base.macs,
                            "settings": self.settings, "folder": str(folder)}.items():
@@ -415,12 +448,17 @@ class Driver:
         self._prune(number, f"over the GMACs budget ({gmacs:.4g} > {self.config.max_gmacs:.4g})")
         return False
 
-    def _submit(self, loop: Loop, number: int, text: str, baseline: str | None, attempts: int):
-        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text)
+    def _submit(self, loop: Loop, number: int, text: str, baseline: str | None, attempts: int,
+                replicate_of: int | None = None):
+        trainer = self.config.trainer
+        if replicate_of is not None:
+            trainer = replace(trainer, seed=trainer.seed + 1)
+        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text,
+                              None if replicate_of is None else trainer.seed)
         self._set(number, "attempts", attempts)
-        handle = self.runner.submit(self.config.trainer, text, str(folder), loop.shared)
+        handle = self.runner.submit(trainer, text, str(folder), loop.shared)
         loop.running[handle] = Running(number, self._trial_id(number), text, baseline, str(folder),
-                                       time.perf_counter(), attempts)
+                                       time.perf_counter(), attempts, replicate_of)
 
     # -- collecting finished trials ------------------------------------------------------------------
     def _collect(self, loop: Loop, timeout: float):
@@ -443,14 +481,24 @@ class Driver:
 
     def _complete(self, loop: Loop, trial: Running, result: dict):
         loop.durations.append(time.perf_counter() - trial.started)
-        for key in ("fid_std", "fid_details", "timings", "checkpoint", "final_loss", "losses", "worker"):
+        for key in ("fid_std", "fid_details", "timings", "compute", "checkpoint", "final_loss", "losses", "worker"):
             if key in result:
                 self._set(trial.number, key, result[key])
+        if trial.replicate_of is not None:
+            self._set(trial.number, "replicate_fid", result["fid"])
+            self._prune(trial.number, f"replicate of trial {trial.replicate_of} with another training seed "
+                                      f"(the study's training noise)")
+            self.log(f"trial {trial.number} {trial.schedule} trained again (seed + 1): FID {result['fid']:.2f} "
+                     f"+- {result['fid_std'] or 0:.2f} (training noise)")
+            return
         self.retry(lambda: self.study.tell(trial.number, [result["gmacs"], result["fid"]], skip_if_finished=True),
                    "telling a result")
         loop.done[trial.schedule] = trial.number
+        loop.scored.add(trial.schedule)
         loop.counted += 1
         front = self.front_numbers()
+        if self.config.prune_off_front:
+            self._prune_checkpoints(front)
         self.log(f"trial {trial.number} {trial.schedule}{f' ({trial.baseline})' if trial.baseline else ''}: "
                  f"FID {result['fid']:.2f} +- {result['fid_std'] or 0:.2f}, {result['gmacs']:.4g} GMACs "
                  f"({100 * result['relative_gmacs']:.0f}% of the base), {result['timings']['total']:.0f} s"
@@ -464,8 +512,9 @@ class Driver:
                                *(f"  {line}" for line in log_tail)])
         self.retry(lambda: self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
                    "telling a failure")
-        loop.done[trial.schedule] = trial.number
-        loop.counted += 1
+        if trial.replicate_of is None:
+            loop.done[trial.schedule] = trial.number
+            loop.counted += 1
         self.log(f"trial {trial.number} {trial.schedule} failed: {message}")
 
     def _check_timeouts(self, loop: Loop):
@@ -499,12 +548,28 @@ class Driver:
             self.log("the grid is spent: every schedule of the space was proposed")
         elif loop.idle >= _MAX_IDLE_PROPOSALS:
             self.log(f"the search space is spent: {_MAX_IDLE_PROPOSALS} proposals in a row added no new schedule")
-        ours = [t for t in self._trials() if self._ours(t) and t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        ours = [t for t in self._trials() if self._ours(t) and t.state in (TrialState.COMPLETE, TrialState.FAIL)
+                and "replicate_of" not in t.user_attrs]
         if ours and all(t.state == TrialState.FAIL for t in ours):
             reasons = {t.user_attrs.get("error", "?") for t in ours}
             why = reasons.pop() if len(reasons) == 1 else f"{len(reasons)} different errors (ppsearch status lists them)"
             raise StudyFailed(f"all {len(ours)} trials of study {self.config.name!r} failed: {why}; correct the "
                               f"settings and launch again (a study with no COMPLETE trial takes new settings)")
+
+    def _prune_checkpoints(self, front: list[int]):
+        """Weights of COMPLETE trials off the front, deleted where this process sees them."""
+        freed = 0
+        for t in self._trials(states=(TrialState.COMPLETE,)):
+            folder = t.user_attrs.get("checkpoint")
+            if t.number in front or not folder:
+                continue
+            for name in ("model.safetensors", "train_state.pt"):
+                path = Path(folder) / name
+                if path.is_file():
+                    freed += path.stat().st_size
+                    path.unlink()
+        if freed:
+            self.log(f"deleted {freed / 2**30:.2f} GiB of weights of trials off the front (prune_off_front)")
 
     def _to_log_file(self, lines: list[str]):
         """The driver's log file, beside its trials' folders: what the console does not show."""

@@ -18,6 +18,7 @@ import torch
 
 from .config import TrainerConfig
 from .evaluate import Evaluator, save_grid
+from .flops import train_step_macs
 from .runners import Shared
 from .schedule import Schedule
 from .train import fingerprint, resolve_device, train
@@ -95,9 +96,8 @@ def _run(config: TrainerConfig, out: Path, shared: Shared, log, started: float) 
     trained = train(config, log=log, base=None if base is None else _copy(base))
     log(f"trained to step {trained.steps} (loss {trained.final_loss:.4f}); sampling")
     schedule = Schedule.parse(config.schedule)
-    images, sampling_seconds = evaluator.timed_sample(trained.model, schedule)
-    result = evaluator.score(trained.model, schedule, images, sampling_seconds)
-    save_grid(images, out / "samples.png", title=f"{schedule} (trial samples, {out.name})")
+    result = evaluator(trained.model, schedule)
+    save_grid(result.images, out / "samples.png", title=f"{schedule} (trial samples, {out.name})")
     log(f"FID {result.fid.fid:.2f} +- {result.fid.fid_std or 0:.2f}")
     record = {
         "gmacs": result.gmacs,
@@ -107,6 +107,9 @@ def _run(config: TrainerConfig, out: Path, shared: Shared, log, started: float) 
         "fid_details": {**result.fid.to_dict(), "sampler": result.sampler},
         "timings": {"train": trained.seconds, "sampling": result.sampling_seconds, "fid": result.fid_seconds,
                     "total": time.perf_counter() - started},
+        "compute": {"train_gmacs": train_step_macs(trained.model.config, schedule, config.batch_size)
+                    * (trained.steps - trained.resumed_from) / 1e9,
+                    "sampling_gmacs": result.gmacs * config.eval.num_samples},
         "checkpoint": str(out.resolve()),
         "final_loss": trained.final_loss,
         "losses": trained.losses,

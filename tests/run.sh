@@ -12,4 +12,4 @@ if ! command -v initdb >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/ini
     fi
 fi
 pip install torch==2.14.1 torchvision==0.29.1 -e '.[test]'
-exec python -m pytest -m 'slow or not slow' "$@"
+exec python -m pytest -m 'slow or not slow' --durations=40 "$@"

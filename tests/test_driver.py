@@ -24,7 +24,8 @@ SMALL = ["search_space.stage_counts=[1,2,3]", "search_space.patch_shapes=[8x8,4x
 
 def _config(tmp_path, *overrides):
     return load_study("toy", [f"storage=sqlite:///{tmp_path / 'study.db'}", f"checkpoint_dir={tmp_path / 'ck'}",
-                              f"export_dir={tmp_path / 'ex'}", "database_retry_seconds=2", *SMALL, *overrides])
+                              f"export_dir={tmp_path / 'ex'}", "database_retry_seconds=2", "replicate_base=false", *SMALL,
+                              *overrides])
 
 
 def _driver(tmp_path, *overrides, function=standin_trial, slots=1):
@@ -187,3 +188,46 @@ def test_the_budget_counts_results_under_the_current_settings(tmp_path):
     trials = query.trials(_config(tmp_path))
     assert (trials.state == "COMPLETE").sum() == 5 and set(trials.state) <= {"COMPLETE", "PRUNED"}
     assert set(trials.baseline.dropna()) == {"base", "PPF-2"}  # PPF-3 has a 2x4 stage: outside SMALL
+
+
+def test_prune_off_front_deletes_the_weights_of_dominated_trials_only(tmp_path):
+    def with_weights(trainer, schedule, out_dir, shared):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"w" * 1000)
+        (Path(out_dir) / "samples.png").write_bytes(b"png")
+        return {**standin_trial(trainer, schedule, out_dir, shared), "checkpoint": out_dir}
+
+    driver, _ = _driver(tmp_path, "n_trials=6", "prune_off_front=true", function=with_weights)
+    driver.run()
+    study = _study(tmp_path)
+    front = {t.number for t in study.best_trials}
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            folder = Path(t.user_attrs["checkpoint"])
+            assert (folder / "model.safetensors").exists() == (t.number in front)
+            assert (folder / "samples.png").exists()
+    assert len(front) < sum(1 for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_the_base_is_trained_twice_for_the_training_noise_never_a_front_point(tmp_path):
+    seen = []
+
+    def recording(trainer, schedule, out_dir, shared):
+        seen.append((schedule, trainer.seed, out_dir))
+        result = standin_trial(trainer, schedule, out_dir, shared)
+        return {**result, "fid": result["fid"] + trainer.seed}  # another seed, another FID
+
+    driver, _ = _driver(tmp_path, "n_trials=4", "replicate_base=true", function=recording)
+    driver.run()
+    study = _study(tmp_path)
+    replicate = [t for t in study.trials if "replicate_of" in t.user_attrs]
+    assert len(replicate) == 1 and replicate[0].state == TrialState.PRUNED
+    original = study.trials[replicate[0].user_attrs["replicate_of"]]
+    assert original.user_attrs["schedule"] == "2x2" and original.state == TrialState.COMPLETE
+    assert replicate[0].user_attrs["replicate_fid"] == original.values[1] + 1
+    assert replicate[0].number not in {t.number for t in study.best_trials}
+    assert sum(1 for t in study.trials if t.state == TrialState.COMPLETE) == 4  # not counted in the budget
+    seeds = {(s, seed) for s, seed, _ in seen if s == "2x2"}
+    assert seeds == {("2x2", 0), ("2x2", 1)} and len({d for _, _, d in seen}) == len(seen)  # own folders
+    noise = query.training_noise(driver.config)
+    assert noise["pairs"] == 1 and noise["std"] == pytest.approx(1 / 2 ** 0.5, rel=0.01)

@@ -214,12 +214,12 @@ def test_a_checkpoint_dir_that_is_a_file_and_a_broken_study_file_are_one_line(tm
 
 def test_proposals_over_the_gmacs_budget_never_reach_a_worker(tmp_path):
     from ppsearch.flops import sample_cost
-    from ppsearch.flow import SamplerConfig
+    from ppsearch.flow import SolverConfig
     from ppsearch.models import PPFlowConfig
     from ppsearch.schedule import Schedule
 
     config = PPFlowConfig(input_size=(16, 16), in_channels=1, hidden_size=96, depth=6, num_heads=4, num_classes=10)
-    budget = sample_cost(config, Schedule.parse("4x4@0.5,2x2"), SamplerConfig(steps=3)).gmacs  # PPF-2 fits, base not
+    budget = sample_cost(config, Schedule.parse("4x4@0.5,2x2"), SolverConfig(steps=3)).gmacs  # PPF-2 fits, base not
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     _run(_launch_args(storage, tmp_path, "n_trials=3", f"max_gmacs={budget}", *STANDIN), tmp_path)
     study = _study(storage)
