@@ -153,7 +153,7 @@ class StudyConfig:
     database_retry_seconds: float = setting(600.0, low=0.0)  # how long a failing database write is retried
     on_interrupt: str = setting("cancel", choices=("cancel", "finish"))  # running trials on SIGINT / SIGTERM
     # Delete the weights of trials that are off the front (their record, samples and log stay),
-    # where the driver sees checkpoint_dir (a shared filesystem): a 60-trial XL study keeps ~650 GB.
+    # where the driver sees checkpoint_dir (a shared filesystem): a 60-trial XL study keeps ~160 GB.
     prune_off_front: bool = False
     # What a worker runs for one trial: f(trainer, schedule_text, out_dir, shared) -> result dict.
     # Benchmarks and tests of the orchestration put a stand-in here.

