@@ -222,7 +222,7 @@ def cmd_status(args):
     if not pruned.empty:
         reasons = pruned.reason.fillna("?").str.replace(r" \d+$", " N", regex=True).str.replace(
             r"\(.*\)", "", regex=True).str.strip().value_counts()
-        print("pruned (never run): " + ", ".join(f"{n} {reason}" for reason, n in reasons.items()))
+        print("pruned (not counted, never a front point): " + ", ".join(f"{n} {reason}" for reason, n in reasons.items()))
     print(f"front ({len(front)} trials):\n{_front_text(front)}")
     failed = table[table.state == "FAIL"].sort_values("trial")
     if not failed.empty:
@@ -235,18 +235,19 @@ def cmd_status(args):
 
 def _cost_text(table, config) -> str:
     """Device-hours the study's trials took (trial wall time x GPUs per trial, or worker-hours
-    on CPUs) and the projected remainder for the results the budget has left."""
+    on CPUs; every trial that ran, the base's replicate included) and the projected remainder
+    for the results the budget has left."""
     gpus = config.ray.num_gpus_per_trial
     unit = "GPU-hours" if gpus else "worker-hours"
-    finished = table[table.state.isin(["COMPLETE", "FAIL"])]
-    seconds = [t.get("total", 0.0) for t in finished.timings if isinstance(t, dict)]
-    spent = sum(seconds) * (gpus or 1) / 3600
-    left = max(0, config.n_trials - len(finished))
+    ran = table[table.state.isin(["COMPLETE", "FAIL", "PRUNED"]) & table.timings.map(lambda t: isinstance(t, dict))]
+    seconds = [t.get("total", 0.0) for t in ran.timings]
+    left = max(0, config.n_trials - int(table.state.isin(["COMPLETE", "FAIL"]).sum()))
     if not seconds:
         return f"compute: nothing finished yet; {left} results to go"
+    spent = sum(seconds) * (gpus or 1) / 3600
     per_trial = spent / len(seconds)
-    return (f"compute: {spent:.2f} {unit} spent on {len(seconds)} results ({per_trial:.3f} per trial); "
-            f"about {per_trial * left:.2f} more for the {left} left of n_trials={config.n_trials}")
+    return (f"compute: {spent:.3g} {unit} spent on {len(seconds)} trials run ({per_trial:.3g} per trial); "
+            f"about {per_trial * left:.3g} more for the {left} results left of n_trials={config.n_trials}")
 
 
 def cmd_show(args):

@@ -377,11 +377,13 @@ def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     ax, hv_ax = fig.subplots(1, 2, width_ratios=[1.6, 1])
     ax.errorbar(done.gmacs, done.fid, yerr=noise, fmt="o", ms=4, color="0.6", ecolor="0.75", capsize=2,
-                label="trials (FID +- noise)")
+                label="trials (FID +- noise: sampling" + (", training" if "training_std" in done else "") + ")")
     front_sorted = front_table.sort_values("gmacs")
     ax.step(front_sorted.gmacs, front_sorted.fid, where="post", color="C3", zorder=3, label="front")
-    ax.errorbar(front_sorted.gmacs, front_sorted.fid, yerr=front_sorted.fid_std.fillna(0.0), fmt="o", color="C3",
-                capsize=3, zorder=4)
+    front_noise = front_sorted.fid_std.fillna(0.0)
+    if "training_std" in front_sorted:
+        front_noise = np.hypot(front_noise, front_sorted.training_std.fillna(0.0))
+    ax.errorbar(front_sorted.gmacs, front_sorted.fid, yerr=front_noise, fmt="o", color="C3", capsize=3, zorder=4)
     for row in front_sorted.itertuples():
         ax.annotate(row.schedule, (row.gmacs, row.fid), xytext=(5, -11), textcoords="offset points", fontsize=7,
                     color="C3")
@@ -408,13 +410,14 @@ def plot(config_or_url: StudyConfig | str, study_name: str | None = None, *, out
     top.set_xticks([v for v in (1, 1.25, 1.5, 2, 3, 4, 6, 8, 12) if low <= base_gmacs / v <= high])
     top.set_xlabel("speed-up over the base (x)")
     ax.legend(fontsize=8, loc="upper right")
-    points = table[["gmacs", "fid"]].to_numpy(float)  # every trial, in the order status counts them
-    complete = (table.state == "COMPLETE").to_numpy()
+    counted = table[table.state.isin(["COMPLETE", "FAIL"])]  # the results n_trials counts, in trial order
+    points = counted[["gmacs", "fid"]].to_numpy(float)
+    complete = (counted.state == "COMPLETE").to_numpy()
     reference = 1.1 * points[complete].max(axis=0)
     history = [hypervolume(points[:k + 1][complete[:k + 1]], reference) for k in range(len(points))]
-    hv_ax.plot(table.trial, history, drawstyle="steps-post", marker=".")
+    hv_ax.plot(np.arange(1, len(points) + 1), history, drawstyle="steps-post", marker=".")
     hv_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    hv_ax.set(xlabel="trial (as ppsearch status counts them)", ylabel="hypervolume of the front",
+    hv_ax.set(xlabel="results (as ppsearch status and n_trials count them)", ylabel="hypervolume of the front",
               title="search progress\n(reference point: 1.1 x the largest GMACs and FID)")
     out.parent.mkdir(parents=True, exist_ok=True)
     import matplotlib

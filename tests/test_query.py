@@ -196,7 +196,7 @@ def test_plot_writes_a_figure_fit_for_a_paper(study, tmp_path):
         assert image.format == "PNG" and image.size[0] > image.size[1] > 600
     svg = query.plot(study, out=tmp_path / "front.svg").read_text()
     for text in ["digits-classifier features", "speed-up over the base", "4x4@0.5,2x4@0.75,2x2",
-                 "picked (knee)", "PPF-2 (4x4@0.5,2x2)", "trial (as ppsearch status counts them)"]:
+                 "picked (knee)", "PPF-2 (4x4@0.5,2x2)", "results (as ppsearch status and n_trials count them)"]:
         assert text in svg, text
     assert query.plot(study, out=tmp_path / "front.pdf").read_bytes().startswith(b"%PDF")
     with pytest.raises(query.QueryError, match="must end in .png, .svg, .pdf"):
@@ -225,6 +225,8 @@ def test_status_command(study, capsys):
     lines = out.splitlines()
     assert lines[0].endswith(": 7 trials, 5 COMPLETE, 1 FAIL, 1 RUNNING")
     assert lines[1] == "driver: none running; the RUNNING trials were interrupted and resume on the next launch"
+    assert lines[2] == ("compute: 0.02 worker-hours spent on 6 trials run (0.00333 per trial); about 0.0133 more "
+                        "for the 4 results left of n_trials=10")  # 6 trials of 12 s; the RUNNING one not yet
     assert "front (4 trials):" in lines
     assert "  trial 5 8x8@0.5,2x2 (3 attempts): CUDA out of memory" in lines
     assert PASSWORD not in out and "Traceback" not in out
