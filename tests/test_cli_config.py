@@ -10,20 +10,12 @@ import pytest
 
 from ppsearch import query
 from ppsearch.errors import PPSearchError
-from ppsearch.cli import main
 from ppsearch.config import ConfigError, load_study
+from test_query import run_cli
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
 
-def _run_cli(capsys, *words):
-    try:
-        main(list(words))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -47,9 +39,9 @@ def test_a_study_file_anywhere_composes_with_shipped_and_own_groups(user_study, 
 
 
 def test_cfg_job_prints_the_composed_config_and_runs_nothing(capsys, tmp_path):
-    code, out, _ = _run_cli(capsys, "launch", "--cfg", "job", "trainer.steps=5", "storage=postgresql://u:pw@h/db")
+    code, out, _ = run_cli(capsys, "launch", "--cfg", "job", "trainer.steps=5", "storage=postgresql://u:pw@h/db")
     assert code in (0, None) and "steps: 5" in out and "postgresql://u:***@h/db" in out and "pw@" not in out
-    code, out, _ = _run_cli(capsys, "train", "--cfg", "job", "trainer=toy", "lr=0.5")
+    code, out, _ = run_cli(capsys, "train", "--cfg", "job", "trainer=toy", "lr=0.5")
     assert "lr: 0.5" in out
 
 

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from ppsearch.cli import main
 
+from test_query import run_cli
 from test_store import CREDENTIAL_FORMS
 
 UNREACHABLE = [url.replace("@db", "@127.0.0.1:1").replace("host=/run/pg", "host=127.0.0.1&port=1")
@@ -26,12 +26,7 @@ def test_no_command_shows_a_credential(url, tmp_path, capsys, monkeypatch):
     exit is a traceback the user would see, and fails the test."""
     monkeypatch.chdir(tmp_path)
     for words in COMMANDS:
-        code = 0
-        try:
-            main([*words, f"storage='{url}'", f"checkpoint_dir={tmp_path}"])
-        except SystemExit as exit_info:
-            code = exit_info.code
-        out, err = capsys.readouterr()
+        code, out, err = run_cli(capsys, *words, f"storage='{url}'", f"checkpoint_dir={tmp_path}")
         assert "s3cret" not in out + err, (words, (out + err)[-500:])
         if words != ["launch", "--cfg", "job"]:
             assert code == 2 and len(err.strip().splitlines()) == 1, (words, err)
