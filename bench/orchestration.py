@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import optuna
 import ray
 from optuna.trial import TrialState
@@ -59,6 +60,7 @@ from ppsearch.config import load_study
 from ppsearch.schedule import Schedule
 from ppsearch.search import Driver
 from ppsearch.store import engine_options, transient
+from search_efficiency import non_dominated  # the front worked out apart from Optuna's best_trials
 from standin import STEP_SECONDS, model_config, synthetic_fid
 
 BENCH = Path(__file__).resolve().parent
@@ -232,13 +234,6 @@ class Watch:
         self.storage.engine.dispose()
 
 
-def brute_force_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points that no other point dominates (both objectives minimised): the
-    front worked out here, independently of Optuna's ``best_trials``."""
-    return [i for i, (g, f) in enumerate(points)
-            if not any(g2 <= g and f2 <= f and (g2, f2) != (g, f) for g2, f2 in points)]
-
-
 def study_checks(url, name, n_trials, base_patch, kept: dict[int, list[float]],
                  left_running: set[int]) -> list[tuple[str, bool, str]]:
     """(check, passed, detail) for a study its drivers have finished: read through Optuna and
@@ -264,7 +259,7 @@ def study_checks(url, name, n_trials, base_patch, kept: dict[int, list[float]],
     scored = [(t, t.values[1] if t.state == TrialState.COMPLETE else t.user_attrs["replicate_fid"])
               for t in trials if t.number in finished and t.state != TrialState.FAIL]
     wrong = [t.number for t, fid in scored if fid != synthetic_fid(Schedule.parse(t.user_attrs["schedule"]), base_patch)]
-    expected_front = sorted(complete[i].number for i in brute_force_front([tuple(t.values) for t in complete]))
+    expected_front = sorted(complete[i].number for i in non_dominated(np.array([t.values for t in complete])))
     front = sorted(query.front(url, name).trial)
     table = query.trials(url, name)
     reasons = collections.Counter(r.partition(" of trial")[0].partition(":")[0].partition(" (")[0]
