@@ -337,18 +337,17 @@ def cmd_train(args):
     import signal
     import threading
 
+    from .stopping import handle_stop_signals
     from .train import Stopped, evaluations, train
 
     config = _trainer_from_args(args.overrides, args.default_trainer)
     stop, signals = threading.Event(), []
 
-    def request_stop(number, frame):
-        signals.append(signal.Signals(number).name)
-        if stop.is_set():
-            raise KeyboardInterrupt
+    def request_stop(name):
+        signals.append(name)
         stop.set()
 
-    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = handle_stop_signals(request_stop, stop.is_set)
     try:
         result = train(config, stop=stop.is_set)
     except KeyboardInterrupt as err:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import re
-import signal
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from .flow import SolverConfig
 from .runners import InlineRunner, RayRunner, Shared, TrialRunner, WorkerLost
 from .schedule import Schedule
 from .space import SearchSpace, baselines
+from .stopping import handle_stop_signals
 from .store import Retry, Store, StoreError, config_json, engine_options, hidden_password, new_uid
 from .train import base_model
 
@@ -646,12 +646,9 @@ class Driver:
 def install_signal_handlers(driver: Driver) -> None:
     """First SIGINT / SIGTERM: the driver stops asking and winds down; a second one stops at once."""
     driver.handle_signals = True
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if getattr(driver, "stop_signal", None):
-            raise KeyboardInterrupt(name)
+
+    def first(name):
         driver.request_stop(name)
         driver.log(f"{name}: stopping ({'cancelling' if driver.config.on_interrupt == 'cancel' else 'finishing'} "
                    f"the running trials; {name} again to stop at once)")
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    handle_stop_signals(first, lambda: bool(getattr(driver, "stop_signal", None)))
