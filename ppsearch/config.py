@@ -91,6 +91,9 @@ class TrainerConfig:
     checkpoint_every: int = setting(0, low=0)  # 0: only at the end
     keep_train_state: bool = True  # keep the optimiser state at the end (to resume or train on)
     out_dir: str = "runs/train"
+    # A folder holding this same training stopped at fewer steps (weights and optimiser state): a
+    # new out_dir starts from a copy of it (successive halving's promoted trials; a longer run).
+    init_from: str | None = None
     progress: bool = True  # a progress bar on a terminal; elsewhere a line every log_every steps
     eval_every: int = setting(0, low=0)  # FID of the EMA weights every N steps (0: not during training)
     eval_at_end: bool = False  # FID of the final EMA weights (a full training; a trial scores its own)
@@ -136,6 +139,28 @@ class RayConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """One variant holding every patch shape of the search space, fine-tuned once per study over
+    the whole time axis (each sample's shape drawn among those the space allows at its time) and
+    stored with the study; every trial starts from it instead of the base."""
+
+    steps: int = setting(0, low=0)  # fine-tune steps of the warm start; 0: off (trials start from the base)
+    trial_steps: int | None = setting(None, low=1)  # a trial's fine-tune steps from it (None: trainer.steps)
+
+
+@dataclass
+class HalvingConfig:
+    """Successive halving: trials first run at the lowest of ``rungs`` fidelities (the top rung
+    is the trainer's steps and FID samples; each rung below has ``eta`` times fewer of both, FID
+    samples no fewer than ``min_samples``); the driver promotes a rung's non-dominated schedules,
+    at most one in ``eta`` of the rung's results, to the next rung, resuming their weights."""
+
+    rungs: int = setting(1, low=1)  # 1: off (every trial at the trainer's fidelity)
+    eta: int = setting(3, low=2)
+    min_samples: int = setting(100, low=10)
+
+
+@dataclass
 class StudyConfig:
     """One search: what it searches, how each trial trains and is scored, where it is stored."""
 
@@ -158,6 +183,8 @@ class StudyConfig:
     # What a worker runs for one trial: f(trainer, schedule_text, out_dir, shared) -> result dict.
     # Benchmarks and tests of the orchestration put a stand-in here.
     trial_function: str = "ppsearch.trial:run_trial"
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    halving: HalvingConfig = field(default_factory=HalvingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     search_space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -125,14 +125,14 @@ def flow_loss(model, x1, y, schedule: Schedule, generator=None, packed=False, bf
     """
     t = torch.rand(x1.shape[0], device=x1.device, generator=generator)
     x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
-    return sample_losses(model, x1, y, t, x0, schedule, packed, bf16).mean(), t
+    return sample_losses(model, x1, y, t, x0, stage_patches(schedule, t), packed, bf16).mean(), t
 
 
-def sample_losses(model, x1, y, t, x0, schedule: Schedule, packed=False, bf16=False) -> torch.Tensor:
+def sample_losses(model, x1, y, t, x0, patches: list[PatchShape], packed=False, bf16=False) -> torch.Tensor:
     """Each sample's velocity MSE (weighted by :func:`loss_weights`) at its time ``t`` and noise
-    ``x0``, routed to its stage's patch shape."""
+    ``x0``, through its patch shape in ``patches``."""
     with autocast(x1.device, bf16):
-        v = velocity(model, interpolate(x0, x1, t), t, y, stage_patches(schedule, t), packed=packed)
+        v = velocity(model, interpolate(x0, x1, t), t, y, patches, packed=packed)
     return loss_weights(model, t) * (v - velocity_target(x0, x1).float()).square().flatten(1).mean(1)
 
 

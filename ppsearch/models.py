@@ -325,6 +325,14 @@ class PPFlowDiT(nn.Module):
         self.config = replace(self.config, patch_shapes=(*self.config.patch_shapes, *new))
         return self
 
+    def keep_patch_shapes(self, patches):
+        """Drop the levels of shapes not in ``patches`` (the base patch's always stays)."""
+        keep = {str(p) for p in map(PatchShape.parse, patches)} | {str(self.config.base_patch)}
+        for name in [name for name in self.levels if name not in keep]:
+            del self.levels[name]
+        self.config = replace(self.config, patch_shapes=tuple(p for p in self.config.patch_shapes if str(p) in keep))
+        return self
+
     def _check_patch(self, patch: PatchShape):
         (h, w), base = self.config.input_size, self.config.base_patch
         if h % patch.h or w % patch.w:

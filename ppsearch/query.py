@@ -16,16 +16,16 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .errors import PPSearchError
 from .config import StudyConfig, to_yaml, typed
 from .errors import PPSearchError
+from .fidelity import front as fidelity_front
 from .schedule import Schedule
 from .store import DatabaseUnreachable, LeaseInfo, Retry, Store, engine_options, hidden_password
 
 # First the columns a user reads, then the rest of the table.
 COLUMNS = ["trial", "schedule", "baseline", "gmacs", "speedup", "fid", "fid_std", "state", "checkpoint"]
 # Trial user attributes the table shows as columns of their own (the driver writes them).
-_ATTRS = ["relative_gmacs", "fid_details", "timings", "compute", "final_loss", "losses", "attempts", "worker", "error",
+_ATTRS = ["rung", "promoted_from", "fidelity", "relative_gmacs", "fid_details", "timings", "compute", "final_loss", "losses", "attempts", "worker", "error",
           "log_tail", "reason", "repeat_of", "interrupted", "folder", "settings"]
 
 
@@ -62,8 +62,9 @@ class StudyView:
         return _view(table).sort_values("trial", ignore_index=True)
 
     def front(self) -> pd.DataFrame:
-        """Optuna's ``best_trials``, by increasing GMACs (repeats are PRUNED, so never in it)."""
-        numbers = {t.number for t in self.study.best_trials}
+        """The non-dominated trials, by increasing GMACs: Optuna's ``best_trials`` (repeats are
+        PRUNED, so never in it); with successive halving, among each schedule's highest rung."""
+        numbers = {t.number for t in fidelity_front(self.study.get_trials(deepcopy=False))}
         table = self.trials()
         return _view(table[table.trial.isin(numbers)])
 

@@ -91,7 +91,8 @@ def probe(trainer, checkpoint_dir: str, need_bytes: int) -> str | None:
 
 
 class TrialRunner(Protocol):
-    """``start`` says how many trials run at once; ``submit`` starts one and returns a handle;
+    """``start`` says how many trials run at once; ``submit`` starts one (of ``function``
+    instead of the trial function: the warm start) and returns a handle;
     ``wait`` gives the handles that finished (at least one unless ``timeout`` s pass);
     ``result`` returns a finished trial's result or raises its error (WorkerLost when its worker
     died); ``cancel`` stops a running one; ``close`` lets go of the resources."""
@@ -99,7 +100,7 @@ class TrialRunner(Protocol):
     def start(self) -> int: ...
     def share(self, values: dict) -> Shared: ...
     def probe(self, trainer, checkpoint_dir: str, need_bytes: int) -> str | None: ...
-    def submit(self, trainer, schedule: str, out_dir: str, shared: Shared): ...
+    def submit(self, trainer, schedule: str, out_dir: str, shared: Shared, function: Callable | None = None): ...
     def wait(self, handles: list, timeout: float) -> list: ...
     def result(self, handle) -> dict: ...
     def cancel(self, handle, force: bool) -> None: ...
@@ -179,9 +180,16 @@ class RayRunner:
             self.log(f"warning: {line}")
         # max_calls=0 keeps workers alive between trials, so each fetches the shared inputs once.
         # Ray does not retry: the driver does, so that it knows and records each attempt.
-        self.remote = ray.remote(max_calls=0, max_retries=0)(self.function).options(num_cpus=cpus, num_gpus=gpus)
+        self.remote = self._remote(self.function)
         self.prober = ray.remote(probe).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         return min(slots, config.max_concurrent or slots)
+
+    def _remote(self, function):
+        import ray
+
+        config = self.config.ray
+        return ray.remote(max_calls=0, max_retries=0)(function).options(num_cpus=config.num_cpus_per_trial,
+                                                                         num_gpus=config.num_gpus_per_trial)
 
     def share(self, values: dict) -> Shared:
         import ray
@@ -193,8 +201,9 @@ class RayRunner:
 
         return ray.get(self.prober.remote(trainer, checkpoint_dir, need_bytes))
 
-    def submit(self, trainer, schedule, out_dir, shared):
-        return self.remote.remote(trainer, schedule, out_dir, shared)
+    def submit(self, trainer, schedule, out_dir, shared, function=None):
+        remote = self.remote if function is None else self._remote(function)
+        return remote.remote(trainer, schedule, out_dir, shared)
 
     def wait(self, handles, timeout):
         import ray
@@ -238,10 +247,10 @@ class InlineRunner:
     def probe(self, trainer, checkpoint_dir, need_bytes):
         return None
 
-    def submit(self, trainer, schedule, out_dir, shared):
+    def submit(self, trainer, schedule, out_dir, shared, function=None):
         self.count += 1
         try:
-            self.outcomes[self.count] = (self.function(trainer, schedule, out_dir, shared), None)
+            self.outcomes[self.count] = ((function or self.function)(trainer, schedule, out_dir, shared), None)
         except Exception as err:  # told as the trial's failure, as a Ray task's would be
             self.outcomes[self.count] = (None, err)
         return self.count

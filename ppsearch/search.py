@@ -34,6 +34,7 @@ from .config import ConfigError, StudyConfig
 from .data import load_dataset
 from .errors import PPSearchError
 from .evaluate import reference_statistics
+from .fidelity import front as front_trials, promotion, rung_trainer
 from .flops import sample_cost
 from .flow import SolverConfig
 from .runners import InlineRunner, RayRunner, Shared, TrialRunner, WorkerLost
@@ -42,12 +43,13 @@ from .space import SearchSpace, baselines
 from .stopping import handle_stop_signals
 from .store import Retry, Store, StoreError, config_json, engine_options, hidden_password, new_uid
 from .train import base_model
+from .warm_start import Mixture, run_warm_start, warm_trainer
 
 __all__ = ["Driver", "InlineRunner", "RayRunner", "make_sampler", "paths_made_absolute", "trial_folder"]
 
 # Settings that decide what a trial's numbers mean: a study cannot change them once one of its
 # trials is COMPLETE (before that, a relaunch may correct them).
-FIXED = ("search_space", "trainer")
+FIXED = ("search_space", "trainer", "warm_start", "halving")
 _MAX_IDLE_PROPOSALS = 200  # proposals in a row that add no new schedule: the space is spent
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # ppsearch logs each trial itself
 warnings.filterwarnings("ignore", category=ExperimentalWarning)  # TPE's group, metric names
@@ -81,13 +83,15 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
     raise ConfigError(f"unknown sampler {name!r}: one of tpe, nsga2, random, gp, grid")
 
 
-def trial_folder(checkpoint_dir: str, study_name: str, study_uid: str, schedule: str, seed: int | None = None) -> Path:
+def trial_folder(checkpoint_dir: str, study_name: str, study_uid: str, schedule: str, seed: int | None = None,
+                 rung: int | None = None) -> Path:
     """Where a trial's files live: keyed by the study's unique id and the schedule (and the
-    training seed of a replicate), so a study never reads another's files and a trial started
-    again finds its own."""
-    slug = schedule.replace(",", "_").replace(":", "-") + ("" if seed is None else f"-seed{seed}")
+    training seed of a replicate, and the rung with successive halving), so a study never reads
+    another's files and a trial started again finds its own."""
+    slug = (schedule.replace(",", "_").replace(":", "-") + ("" if seed is None else f"-seed{seed}")
+            + ("" if rung is None else f"-rung{rung}"))
     if len(slug) > 100 or not re.fullmatch(r"[A-Za-z0-9@._-]+", slug):
-        slug = f"{re.sub(r'[^A-Za-z0-9@._-]+', '_', slug)[:80]}-{hashlib.sha256(schedule.encode()).hexdigest()[:12]}"
+        slug = f"{re.sub(r'[^A-Za-z0-9@._-]+', '_', slug)[:80]}-{hashlib.sha256(slug.encode()).hexdigest()[:12]}"
     return Path(checkpoint_dir) / f"{study_name}-{study_uid[:8]}" / slug
 
 
@@ -111,10 +115,17 @@ def paths_made_absolute(config: StudyConfig) -> StudyConfig:
     return config
 
 
+def fixed_settings(data: dict) -> dict:
+    """The FIXED part of a stored or current configuration (JSON form); a warm start or rungs
+    left at their defaults (off) count as absent, so studies made before they existed keep theirs."""
+    defaults = config_json(StudyConfig())
+    return {k: data.get(k, defaults[k]) for k in FIXED if k in ("search_space", "trainer") or data.get(k, defaults[k])
+            != defaults[k]}
+
+
 def settings_key(config: StudyConfig) -> str:
     """A short hash of the settings that decide what a trial's numbers mean."""
-    data = config_json(config)
-    return hashlib.sha256(json.dumps({k: data[k] for k in FIXED}, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(fixed_settings(config_json(config)), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def differences(old, new, prefix: str = "") -> list[str]:
@@ -146,6 +157,7 @@ class Running:
     started: float
     attempts: int = 1
     replicate_of: int | None = None  # the base trained again with another seed: training noise
+    rung: int = 0  # successive halving's fidelity (the top rung when it is off)
 
 
 @dataclass
@@ -155,13 +167,15 @@ class Loop:
     slots: int
     shared: Shared
     running: dict[Any, Running] = field(default_factory=dict)  # runner handle -> trial
-    done: dict[str, int] = field(default_factory=dict)  # schedule -> the trial that scored it (or failed)
+    done: dict[tuple[str, int], int] = field(default_factory=dict)  # (schedule, rung) -> the trial that scored it (or failed)
     counted: int = 0  # results under the current settings: COMPLETE, or FAIL of the trial's own error
     idle: int = 0  # proposals in a row that added nothing
     grid: list[Schedule] | None = None  # schedules the grid sampler has left to propose
     baselines_done: bool = False
     replicated: bool = False  # the base's replicate is proposed
-    scored: set[str] = field(default_factory=set)  # schedules with a COMPLETE trial
+    scored: set[tuple[str, int]] = field(default_factory=set)  # (schedule, rung) with a COMPLETE trial
+    results: list[dict] = field(default_factory=list)  # per rung: schedule -> (trial, gmacs, fid), COMPLETE
+    promoted: list[set] = field(default_factory=list)  # per rung: schedules sent to the next rung
     durations: list[float] = field(default_factory=list)
     stop: str | None = None  # the signal that asked the driver to stop
     last_progress: tuple = ()
@@ -227,6 +241,8 @@ class Driver:
                               f"{trainer.eval.fid.num_splits} splits needs at least {2 * trainer.eval.fid.num_splits}")
         trainer.eval.fid.check()  # a missing Inception file fails now, not in every worker
         self._check_export_dir()
+        self.top = config.halving.rungs - 1  # the trainer's own fidelity
+        self.warm = None  # the warm start's weights and checkpoint, once trained (warm_start.steps)
         self.runner = runner or RayRunner(config, log)
         self.retry = Retry(config.storage, config.database_retry_seconds, log)
         self.store = self.retry(lambda: Store(config.storage), "opening the study database")
@@ -262,7 +278,8 @@ class Driver:
             self.uid = new_uid()
             self.retry(lambda: study.set_user_attr("ppsearch_uid", self.uid), "naming the study")
         if stored:
-            changed = [line for key in FIXED for line in differences(stored.get(key), current[key], f"{key}.")]
+            old, new = fixed_settings(stored), fixed_settings(current)
+            changed = [line for key in FIXED for line in differences(old.get(key), new.get(key), f"{key}.")]
             if changed and self._has_complete():
                 raise ConfigError(f"study {config.name!r} was run with other settings ({'; '.join(changed)}); "
                                   f"resume it with the same ones or start a new study name")
@@ -341,19 +358,26 @@ class Driver:
         problem = self.runner.probe(trainer, self.config.checkpoint_dir, need)
         if problem:
             raise ConfigError(f"a worker cannot run trials: {problem}")
-        shared = self.runner.share({"base": self.base, "reference": reference_statistics(trainer.eval, trainer.data)})
-        loop = Loop(slots=slots, shared=shared)
+        reference = reference_statistics(trainer.eval, trainer.data)
+        base = self._warm_start(self.runner.share({"base": self.base})) if self.config.warm_start.steps else self.base
+        loop = Loop(slots=slots, shared=self.runner.share({"base": base, "reference": reference}),
+                    results=[{} for _ in range(self.top + 1)], promoted=[set() for _ in range(self.top + 1)])
         trials = self._trials()
         for t in trials:
             if not self._ours(t):
                 continue
+            text, rung = t.user_attrs["schedule"], t.user_attrs.get("rung", self.top)
             if "replicate_of" in t.user_attrs:
                 loop.replicated = True
-            elif t.state in (TrialState.COMPLETE, TrialState.FAIL):
-                loop.done.setdefault(t.user_attrs["schedule"], t.number)
+                continue
+            if "promoted_from" in t.user_attrs:
+                loop.promoted[rung - 1].add(text)
+            if t.state in (TrialState.COMPLETE, TrialState.FAIL):
+                loop.done.setdefault((text, rung), t.number)
                 loop.counted += 1
                 if t.state == TrialState.COMPLETE:
-                    loop.scored.add(t.user_attrs["schedule"])
+                    loop.scored.add((text, rung))
+                    loop.results[rung][text] = (t.number, *t.values)
         if self.config.sampler == "grid":
             order = self.space.schedules()
             import random
@@ -366,17 +390,52 @@ class Driver:
                 self._resume(loop, t)
         return loop
 
+    def _warm_start(self, shared: Shared):
+        """The study's warm start (trained on a worker, or read back from its folder there): one
+        variant with every patch shape the space allows, fine-tuned over the whole time axis."""
+        config, mixture = self.config, str(Mixture.of_space(self.space))
+        folder = str(trial_folder(config.checkpoint_dir, config.name, self.uid, f"warm-start-{config.warm_start.steps}"))
+        trainer = warm_trainer(config.trainer, config.warm_start.steps)
+        self.log(f"warm start: {config.warm_start.steps} steps of {mixture} (once per study), in {folder}")
+        handle = self.runner.submit(trainer, mixture, folder, shared, function=run_warm_start)
+        while not self.runner.wait([handle], timeout=5.0):
+            self.heartbeat.check()
+            if self.stop_signal:
+                self.runner.cancel(handle, force=False)
+                raise Interrupted(self.stop_signal, f"stopped by {self.stop_signal} during the warm start (it "
+                                                    f"resumes from its checkpoint on launch)")
+        try:
+            result = self.runner.result(handle)
+        except Exception as err:
+            raise StudyFailed(f"the warm start failed: {_error_line(err)}") from None
+        self.warm = result["checkpoint"]
+        record = {k: result[k] for k in ("checkpoint", "final_loss", "seconds", "steps")}
+        self.retry(lambda: self.study.set_user_attr("warm_start", {**record, "mixture": mixture}),
+                   "recording the warm start")
+        self.log(f"warm start ready (loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
+        return result["model"]
+
+    def _trainer(self, rung: int, replicate: bool, init_from: str | None = None):
+        """A trial's training settings: from the warm start if there is one, at its rung."""
+        trainer = self.config.trainer
+        if self.warm is not None:
+            trainer = replace(trainer, base=self.warm, steps=self.config.warm_start.trial_steps or trainer.steps)
+        if replicate:
+            trainer = replace(trainer, seed=trainer.seed + 1)
+        return replace(rung_trainer(trainer, self.config.halving, rung), init_from=init_from)
+
     def _resume(self, loop: Loop, trial):
-        text = trial.user_attrs.get("schedule")
-        if text is None or not self._ours(trial) or (text in loop.done and "replicate_of" not in trial.user_attrs):
+        text, rung = trial.user_attrs.get("schedule"), trial.user_attrs.get("rung", self.top)
+        key = (text, rung)
+        if text is None or not self._ours(trial) or (key in loop.done and "replicate_of" not in trial.user_attrs):
             reason = ("a proposal the driver left unfinished" if text is None else
-                      f"repeat of trial {loop.done[text]}" if text in loop.done else "made under other settings")
+                      f"repeat of trial {loop.done[key]}" if key in loop.done else "made under other settings")
             self._prune(trial.number, reason)
             return
         self.log(f"trial {trial.number} {text} was left running by a stopped driver: starting it again")
         attempts = int(trial.user_attrs.get("attempts", 1)) + 1
         self._submit(loop, trial.number, text, trial.user_attrs.get("baseline"), attempts,
-                     trial.user_attrs.get("replicate_of"))
+                     trial.user_attrs.get("replicate_of"), rung)
 
     # -- filling free slots --------------------------------------------------------------------------
     def _fill(self, loop: Loop):
@@ -385,42 +444,63 @@ class Driver:
             if self._replicate_due(loop):
                 self._replicate(loop)
                 continue
+            due = promotion(loop.results, loop.promoted, self.config.halving)
+            if due is not None:
+                self._promote(loop, *due)
+                continue
             number, trial_id, schedule, baseline = self._propose(loop)
-            text = str(schedule)
+            key = (str(schedule), 0)
             loop.idle += 1
-            running = {r.schedule: r.number for r in loop.running.values()}
-            if text in loop.done or text in running:
-                self._prune(number, f"repeat of trial {loop.done.get(text, running.get(text))}",
-                            repeat_of=loop.done.get(text, running.get(text)))
+            running = {(r.schedule, r.rung): r.number for r in loop.running.values()}
+            if key in loop.done or key in running:
+                self._prune(number, f"repeat of trial {loop.done.get(key, running.get(key))}",
+                            repeat_of=loop.done.get(key, running.get(key)))
             elif not self._within_gmacs_budget(number, trial_id):
                 continue
             else:
                 loop.idle = 0
-                self._submit(loop, number, text, baseline, 1)
+                self._submit(loop, number, key[0], baseline, 1, rung=0)
 
     def _replicate_due(self, loop: Loop) -> bool:
         base = str(baselines(self.model_config.base_patch)["base"])
-        return self.config.replicate_base and not loop.replicated and base in loop.scored
+        return self.config.replicate_base and not loop.replicated and (base, self.top) in loop.scored
 
     def _replicate(self, loop: Loop):
         """The base trained once more with another seed, scored on the same noise and labels:
         the study's measure of training noise. Told PRUNED (never a second front point) with
         its FID in its record; it does not count against the budget."""
         base = baselines(self.model_config.base_patch)["base"]
-        original = loop.done[str(base)]
+        original = loop.done[(str(base), self.top)]
         self.retry(lambda: self.study.enqueue_trial(self.space.params(base), user_attrs={
             "replicate_of": original, "baseline": "base, seed + 1"}, skip_if_exists=False), "queueing a replicate")
         trial = self.retry(self.study.ask, "asking for a trial")
         self.space.suggest(trial)
-        for key, value in {"schedule": str(base), "settings": self.settings}.items():
+        for key, value in {"schedule": str(base), "settings": self.settings, **self._rung_attrs(self.top)}.items():
             self.retry(lambda: trial.set_user_attr(key, value), "describing a trial")
         loop.replicated = True
-        self._submit(loop, trial.number, str(base), "base, seed + 1", 1, original)
+        self._submit(loop, trial.number, str(base), "base, seed + 1", 1, original, self.top)
 
-    def _propose(self, loop: Loop):
-        """Ask the study for a trial: the next missing baseline or grid schedule first (enqueued
-        just before the ask, so no WAITING trial outlives the launch), else the sampler's choice."""
-        fixed = self._next_fixed(loop)
+    def _promote(self, loop: Loop, text: str, source: int, rung: int):
+        """Successive halving: ``text`` (trial ``source`` at the rung below) runs at ``rung``,
+        from the lower rung's weights."""
+        loop.promoted[rung - 1].add(text)
+        attrs = {"promoted_from": source, "baseline": self.storage.get_trial_user_attrs(
+            self._trial_id(source)).get("baseline")}
+        number, _, _, baseline = self._propose(loop, (self.space.params(Schedule.parse(text)), attrs), rung)
+        self.log(f"trial {number} {text}: promoted from trial {source} to rung {rung}")
+        self._submit(loop, number, text, baseline, 1, rung=rung)
+
+    def _rung_attrs(self, rung: int) -> dict:
+        if not self.top:
+            return {}
+        trainer = self._trainer(rung, False)
+        return {"rung": rung, "fidelity": {"steps": trainer.steps, "num_samples": trainer.eval.num_samples}}
+
+    def _propose(self, loop: Loop, fixed: tuple | None = None, rung: int = 0):
+        """Ask the study for a trial: ``fixed`` (parameters, attributes), else the next missing
+        baseline or grid schedule (enqueued just before the ask, so no WAITING trial outlives the
+        launch), else the sampler's choice; described at ``rung``."""
+        fixed = fixed or self._next_fixed(loop)
         if fixed is not None:
             params, attrs = fixed
             self.retry(lambda: self.study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False),
@@ -430,11 +510,15 @@ class Driver:
         text = str(schedule)
         cost = sample_cost(self.model_config, schedule, self.solver_config)
         base = sample_cost(self.model_config, Schedule.from_stages([self.model_config.base_patch]), self.solver_config)
-        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text)
         for key, value in {"schedule": text, "gmacs": cost.gmacs, "relative_gmacs": cost.macs / base.macs,
-                           "settings": self.settings, "folder": str(folder)}.items():
+                           "settings": self.settings, "folder": str(self._folder(text, None, rung)),
+                           **self._rung_attrs(rung)}.items():
             self.retry(lambda: trial.set_user_attr(key, value), "describing a trial")
         return trial.number, self._trial_id(trial.number), schedule, trial.user_attrs.get("baseline")
+
+    def _folder(self, text: str, seed: int | None, rung: int) -> Path:
+        return trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text, seed,
+                            rung if self.top else None)
 
     def _next_fixed(self, loop: Loop):
         if loop.grid:
@@ -460,16 +544,15 @@ class Driver:
         return False
 
     def _submit(self, loop: Loop, number: int, text: str, baseline: str | None, attempts: int,
-                replicate_of: int | None = None):
-        trainer = self.config.trainer
-        if replicate_of is not None:
-            trainer = replace(trainer, seed=trainer.seed + 1)
-        folder = trial_folder(self.config.checkpoint_dir, self.config.name, self.uid, text,
-                              None if replicate_of is None else trainer.seed)
+                replicate_of: int | None = None, rung: int | None = None):
+        rung = self.top if rung is None else rung
+        below = str(self._folder(text, None, rung - 1)) if rung > 0 and replicate_of is None else None
+        trainer = self._trainer(rung, replicate_of is not None, below)
+        folder = self._folder(text, None if replicate_of is None else trainer.seed, rung)
         self._set(number, "attempts", attempts)
         handle = self.runner.submit(trainer, text, str(folder), loop.shared)
         loop.running[handle] = Running(number, self._trial_id(number), text, baseline, str(folder),
-                                       time.perf_counter(), attempts, replicate_of)
+                                       time.perf_counter(), attempts, replicate_of, rung)
 
     # -- collecting finished trials ------------------------------------------------------------------
     def _collect(self, loop: Loop, timeout: float):
@@ -481,7 +564,8 @@ class Driver:
                 if trial.attempts <= self.config.ray.max_retries:
                     self.log(f"trial {trial.number} {trial.schedule}: its worker died ({err}); attempt "
                              f"{trial.attempts + 1} of {self.config.ray.max_retries + 1}")
-                    self._submit(loop, trial.number, trial.schedule, trial.baseline, trial.attempts + 1)
+                    self._submit(loop, trial.number, trial.schedule, trial.baseline, trial.attempts + 1,
+                                 trial.replicate_of, trial.rung)
                     continue
                 self._fail(loop, trial, f"{err} (after {trial.attempts} attempts)")
                 continue
@@ -504,13 +588,15 @@ class Driver:
             return
         self.retry(lambda: self.study.tell(trial.number, [result["gmacs"], result["fid"]], skip_if_finished=True),
                    "telling a result")
-        loop.done[trial.schedule] = trial.number
-        loop.scored.add(trial.schedule)
+        loop.done[(trial.schedule, trial.rung)] = trial.number
+        loop.scored.add((trial.schedule, trial.rung))
+        loop.results[trial.rung][trial.schedule] = (trial.number, result["gmacs"], result["fid"])
         loop.counted += 1
         front = self.front_numbers()
         if self.config.prune_off_front:
             self._prune_checkpoints(front)
-        self.log(f"trial {trial.number} {trial.schedule}{f' ({trial.baseline})' if trial.baseline else ''}: "
+        rung = f" [rung {trial.rung}]" if self.top else ""
+        self.log(f"trial {trial.number} {trial.schedule}{f' ({trial.baseline})' if trial.baseline else ''}{rung}: "
                  f"FID {result['fid']:.2f} +- {result['fid_std'] or 0:.2f}, {result['gmacs']:.4g} GMACs "
                  f"({100 * result['relative_gmacs']:.0f}% of the base), {result['timings']['total']:.0f} s"
                  f"{' [front]' if trial.number in front else ''}")
@@ -524,7 +610,7 @@ class Driver:
         self.retry(lambda: self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True),
                    "telling a failure")
         if trial.replicate_of is None:
-            loop.done[trial.schedule] = trial.number
+            loop.done[(trial.schedule, trial.rung)] = trial.number
             loop.counted += 1
         self.log(f"trial {trial.number} {trial.schedule} failed: {message}")
 
@@ -607,7 +693,11 @@ class Driver:
         self.retry(lambda: self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True), "pruning a trial")
 
     def front_numbers(self) -> list[int]:
-        return sorted(t.number for t in self.retry(lambda: self.study.best_trials, "reading the front"))
+        return sorted(t.number for t in self._front())
+
+    def _front(self) -> list:
+        """The front (Optuna's best trials; with rungs, among each schedule's highest rung)."""
+        return front_trials(self._trials())
 
     # -- the lease and progress --------------------------------------------------------------------
     def _release(self):
@@ -633,7 +723,7 @@ class Driver:
         mean = (sum(loop.durations) / len(loop.durations)) if loop.durations else oldest
         rounds = math.ceil(left / max(1, loop.slots)) + (1 if loop.running else 0)
         eta = f"{rounds * mean / 60:.1f} min" if loop.durations else f">= {rounds * mean / 60:.1f} min (no trial done yet)"
-        best = self.retry(lambda: self.study.best_trials, "reading the front")
+        best = self._front()
         front = ", ".join(f"{t.user_attrs['schedule']} {t.values[1]:.1f}" for t in sorted(best, key=lambda t: t.values[0])) or "-"
         state = (complete, len(loop.running), failed, front)
         if state == loop.last_progress:

@@ -97,6 +97,26 @@ class SearchSpace:
                  for s in [self.suggest(FixedTrial(dict(zip(space, values))))]}
         return [found[text] for text in sorted(found)]
 
+    def shapes_by_time(self) -> list[tuple[list[PatchShape], float]]:
+        """The patch shapes some schedule of the space uses at each time, as (shapes, t_end)
+        intervals covering [0, 1), coarsest shape first. With the last stage pinned to the base
+        patch, a free shape can reach up to the last boundary (``boundary_max``) and the base patch
+        starts at the first (``boundary_min``; everywhere when one stage is allowed)."""
+        shapes = sorted(self.patches, key=lambda p: (-p.area, str(p)))
+        if not self.config.pin_last_to_base or max(self.config.stage_counts) == 1:
+            return [([self.base_patch] if self.config.pin_last_to_base else shapes, 1.0)]
+        free = [p for p in shapes if str(p) in self.free_patches]
+        single = 1 in self.config.stage_counts
+        intervals = [(free + ([self.base_patch] if single else []), self.grid[0]),
+                     (free + [self.base_patch], self.grid[-1]), ([self.base_patch], 1.0)]
+        out = []
+        for allowed, end in intervals:  # adjacent intervals with the same shapes joined
+            if out and out[-1][0] == allowed:
+                out[-1] = (allowed, end)
+            elif not out or end > out[-1][1]:
+                out.append((allowed, end))
+        return out
+
     def params(self, schedule: Schedule) -> dict | None:
         """Parameters that :meth:`suggest` turns into ``schedule``; None when the schedule is
         outside the space (a patch, boundary or guidance scale it does not allow)."""

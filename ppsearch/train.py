@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,9 +32,10 @@ from .errors import PPSearchError
 from .checkpoint import CheckpointError, base_path, load_base, save_model
 from .config import TrainerConfig
 from .data import load_dataset
-from .flow import NonFiniteLoss, sample_losses, update_ema
+from .flow import NonFiniteLoss, sample_losses, stage_patches, update_ema
 from .models import PPFlowDiT, build_named
 from .schedule import Schedule
+from .warm_start import Mixture, routing
 
 
 class TrainError(PPSearchError):
@@ -106,12 +108,13 @@ def base_model(config: TrainerConfig, data_shape, num_classes: int) -> PPFlowDiT
 
 def build_model(config: TrainerConfig, data_shape, num_classes: int, base: PPFlowDiT | None = None) -> PPFlowDiT:
     """The variant to train: the base (``base`` if already loaded) with a level for every patch
-    shape of the schedule, initialised from the base patch."""
-    schedule = Schedule.parse(config.schedule)
+    shape of the schedule (or mixture), initialised from the base patch where the base has none;
+    levels the schedule does not use (a warm start's) are dropped."""
+    schedule = routing(config.schedule)
     model = base or base_model(config, data_shape, num_classes)
     schedule.check_for(model.config.input_size, model.config.base_patch)
     model.y_embedder.dropout_prob = config.class_dropout_prob
-    return model.add_patch_shapes(schedule.patch_shapes)
+    return model.add_patch_shapes(schedule.patch_shapes).keep_patch_shapes(schedule.patch_shapes)
 
 
 def micro_batch(config: TrainerConfig) -> int:
@@ -139,6 +142,14 @@ def step_noise(config: TrainerConfig, step: int, shape) -> tuple[torch.Tensor, t
     t = torch.rand(n, generator=generator)
     drop = torch.rand(n, generator=generator) < config.class_dropout_prob
     return t, drop, torch.randn((n, *shape), generator=generator)
+
+
+def step_patches(route: Schedule | Mixture, config: TrainerConfig, step: int, t: torch.Tensor) -> list:
+    """The patch shape of each sample of the step's global batch: its stage's, or one drawn
+    among a mixture's (the draws depend on the step alone, as the noise does)."""
+    if isinstance(route, Mixture):
+        return route.patches(t, _generator(config, step, 2))
+    return stage_patches(route, t)
 
 
 def batches(dataset, config: TrainerConfig, start: int, rows: list[slice], device):
@@ -235,9 +246,13 @@ def run(config: TrainerConfig, log=print, base: PPFlowDiT | None = None, stop: C
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     state = Checkpoint(out, config, model, ema, optimizer)
+    if config.init_from and rank == 0:
+        _start_from(Path(config.init_from), out, log)
+    if world > 1:
+        dist.barrier()
     start, losses = state.resume(log if rank == 0 else lambda line: None)
     net = _DataParallel(model, find_unused_parameters=True) if world > 1 else model  # not every level in every batch
-    schedule, micro = Schedule.parse(config.schedule), micro_batch(config)
+    schedule, micro = routing(config.schedule), micro_batch(config)
     local = config.batch_size // world
     rows = [slice(first, first + micro) for first in range(rank * local, (rank + 1) * local, micro)]
     stream = batches(data, config, start, rows, device)
@@ -252,12 +267,13 @@ def run(config: TrainerConfig, log=print, base: PPFlowDiT | None = None, stop: C
             for group in optimizer.param_groups:
                 group["lr"] = _lr(config, step)
             t, drop, x0 = step_noise(config, step, data.shape)
+            patches = step_patches(schedule, config, step, t)
             total = torch.zeros(2, device=device)  # this worker's share of the loss; rank 0: stop asked
             for i, r in enumerate(rows):
                 x1, y = next(stream)
                 y = torch.where(drop[r].to(device), null_label, y)
                 with net.no_sync() if world > 1 and i < len(rows) - 1 else contextlib.nullcontext():
-                    loss = sample_losses(net, x1, y, t[r].to(device), x0[r].to(device), schedule, config.packed,
+                    loss = sample_losses(net, x1, y, t[r].to(device), x0[r].to(device), patches[r], config.packed,
                                          config.bf16).sum() / local
                     loss.backward()
                 total[0] += loss.detach()
@@ -404,6 +420,23 @@ class Checkpoint:
         if step < self.config.steps:
             log(f"resuming from step {step} in {self.out}")
         return step, losses
+
+
+def _start_from(source: Path, out: Path, log) -> None:
+    """Copy ``source``'s checkpoint (weights and optimiser state) into a fresh ``out``; the
+    resume that follows checks it is this training's. Where this process does not see it (no
+    shared filesystem), the run starts from the beginning and ends with the same weights."""
+    files = [source / "model.safetensors", source / "train_state.pt"]
+    if (out / "model.safetensors").exists() or source.resolve() == out.resolve():
+        return
+    if not all(f.is_file() for f in files):
+        log(f"init_from {source}: no checkpoint there on this node; training from the start")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for f in reversed(files):  # the weights last: their presence says the copy is whole
+        shutil.copyfile(f, out / f"{f.name}.tmp")
+        (out / f"{f.name}.tmp").replace(out / f.name)
+    log(f"starting from {source}'s checkpoint")
 
 
 def _metadata(path: Path) -> dict:

@@ -1,0 +1,116 @@
+"""Cheaper proxies, measured against today's trials: the warm start and successive halving.
+
+Three searches of the toy study run side by side in one process (the real driver, Ray on this
+machine, the real trial), each on the coarse space of the search table (boundary grid 0.1 ..
+0.9 step 0.2, 91 schedules; ``bench/search_efficiency.py --make-table``) with the same budget of
+results (--n-trials, seed 0, no replicate):
+
+- default: every trial fine-tunes the base for the trainer's 200 steps and scores 500 samples;
+- warm start: one variant with every shape of the space fine-tuned once (--warm-steps), then
+  each trial fine-tunes --warm-trial-steps from it;
+- halving: successive halving, 2 rungs, eta 3 (rung 0: 67 steps, 167 samples).
+
+For each: the worker-hours spent (the trials' own times plus the warm start's), the schedules
+explored, and the region hypervolume of its front (reference: the base's GMACs, 2 x the base's
+FID) as a share of the table's, with each front schedule scored by the table (the trial's
+fidelity, the same noise for all three), and that share per worker-hour.
+
+    python bench/fidelity.py            # about 20 minutes on 2 cores
+    python bench/fidelity.py --quick    # CI: checks the script (a few steps, stand-in scoring)
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ppsearch import query
+from ppsearch.config import load_study
+from ppsearch.search import Driver
+
+BENCH = Path(__file__).resolve().parent
+TABLE = BENCH / "results" / "search_table-toy.csv"
+COARSE = ["search_space.boundary_min=0.1", "search_space.boundary_max=0.9", "search_space.boundary_step=0.2"]
+QUICK = ["trainer.steps=6", "trainer.eval.num_samples=60", "trainer.eval.batch_size=60", "trainer.eval.steps=4"]
+
+
+def methods(args) -> dict[str, list[str]]:
+    return {
+        "default": [],
+        f"warm start ({args.warm_steps} steps, trials {args.warm_trial_steps})":
+            [f"warm_start.steps={args.warm_steps}", f"warm_start.trial_steps={args.warm_trial_steps}"],
+        "halving (2 rungs, eta 3)": ["halving.rungs=2", "halving.eta=3"],
+    }
+
+
+def run(name: str, overrides: list[str], folder: Path, n_trials: int, quick: bool) -> dict:
+    folder.mkdir(parents=True)
+    config = load_study("toy", ["name=fidelity", f"storage=sqlite:///{folder / 'study.db'}",
+                                f"checkpoint_dir={folder / 'ck'}", f"export_dir={folder / 'ex'}", "replicate_base=false",
+                                f"n_trials={n_trials}", *COARSE, *(QUICK if quick else []), *overrides])
+    started = time.perf_counter()
+    driver = Driver(config, log=lambda line: print(f"  [{name}] {line}", flush=True))
+    driver.run()
+    wall = time.perf_counter() - started
+    trials = query.trials(config)
+    seconds = sum(t["total"] for t in trials.timings.dropna())
+    warm = driver.study.user_attrs.get("warm_start")
+    seconds += warm["seconds"] if warm else 0.0
+    front = query.front(config)
+    return {"method": name, "results": int((trials.state == "COMPLETE").sum()),
+            "schedules": trials[trials.state == "COMPLETE"].schedule.nunique(),
+            "worker_hours": seconds / 3600, "wall_min": wall / 60, "front": list(front.schedule),
+            "front_rungs": list(front.rung) if "rung" in front else []}
+
+
+def region_share(schedules: list[str], table: pd.DataFrame) -> float:
+    scored = table.set_index("schedule")
+    base = scored.loc["2x2"]
+    reference = np.array([base.gmacs, 2 * base.fid])
+    points = scored[["gmacs", "fid"]].to_numpy()
+    found = scored.loc[[s for s in schedules if s in scored.index], ["gmacs", "fid"]].to_numpy()
+    return query.hypervolume(found, reference) / query.hypervolume(points, reference) if len(found) else 0.0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=Path, default=TABLE)
+    parser.add_argument("--n-trials", type=int, default=12)
+    parser.add_argument("--warm-steps", type=int, default=400)
+    parser.add_argument("--warm-trial-steps", type=int, default=50)
+    parser.add_argument("--csv", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_trials, args.warm_steps, args.warm_trial_steps = 4, 4, 2
+    table = pd.read_csv(args.table, comment="#")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, overrides) in enumerate(methods(args).items()):
+            row = run(name, overrides, Path(tmp) / str(i), args.n_trials, args.quick)
+            row["region_share"] = region_share(row["front"], table)
+            row["share_per_worker_hour"] = row["region_share"] / row["worker_hours"]
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    print(f"\n{args.n_trials} results per search on the table's coarse space; region hypervolume of each front, "
+          f"its schedules scored by {args.table.name}{' (quick: settings of the script only)' if args.quick else ''}")
+    print(out.drop(columns=["front", "front_rungs"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for row in rows:
+        rungs = f" (rungs {row['front_rungs']})" if row["front_rungs"] else ""
+        print(f"front of {row['method']}: {', '.join(row['front'])}{rungs}")
+    if args.csv:
+        out.to_csv(args.csv, index=False)
+    best = max(rows, key=lambda r: r["share_per_worker_hour"])
+    default = rows[0]
+    print(f"result: {best['method']} finds the most region hypervolume per worker-hour, "
+          f"{best['share_per_worker_hour'] / default['share_per_worker_hour']:.2f}x the default's "
+          f"({100 * best['region_share']:.1f}% in {best['worker_hours']:.3f} h against {100 * default['region_share']:.1f}% "
+          f"in {default['worker_hours']:.3f} h)")
+
+
+if __name__ == "__main__":
+    main()
