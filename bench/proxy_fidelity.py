@@ -13,6 +13,8 @@ on the common random numbers, ppsearch.query.difference). Target: tau >= 0.7 in 
 regret within 2 sigma.
 
     python bench/proxy_fidelity.py            # about 40 minutes on 2 cores (10 schedules, 2,000 steps)
+    python bench/proxy_fidelity.py --proxy warm --long-from bench/results/proxy_fidelity-toy.csv   # a warm-started
+    python bench/proxy_fidelity.py --proxy rung0 --long-from bench/results/proxy_fidelity-toy.csv  # halving's rung 0
     python bench/proxy_fidelity.py --quick    # CI: checks the script (2 x 2 schedules, a few steps)
 """
 from __future__ import annotations
@@ -28,16 +30,19 @@ from types import SimpleNamespace
 
 import pandas as pd
 from scipy.stats import kendalltau
+from dataclasses import replace
 
-from ppsearch.config import load_trainer
+from ppsearch.config import HalvingConfig, load_study, load_trainer
 from ppsearch.data import load_dataset
+from ppsearch.fidelity import rung_trainer
 from ppsearch.flops import sample_cost
 from ppsearch.flow import SolverConfig
 from ppsearch.query import difference
 from ppsearch.schedule import Schedule
-from ppsearch.space import baselines
+from ppsearch.space import SearchSpace, baselines
 from ppsearch.train import base_model
 from ppsearch.trial import run_trial
+from ppsearch.warm_start import Mixture, run_warm_start, warm_trainer
 
 BENCH = Path(__file__).resolve().parent
 TABLE = BENCH / "results" / "search_table-toy.csv"
@@ -69,6 +74,30 @@ def bands(table: pd.DataFrame, trainer: str, per_band: int, seed: int) -> dict[s
     return out
 
 
+def proxy_scores(proxy: str, args, overrides: list[str], schedules: list[str], tmp: str, pool) -> dict:
+    """Each schedule's FID under a cheaper proxy than the table's trial: ``warm`` (trials of
+    --warm-trial-steps from one warm start of --warm-steps over the space's mixture) or
+    ``rung0`` (successive halving's lowest rung: 2 rungs, eta 3)."""
+    trainer = load_trainer(args.trainer, overrides)
+    if proxy == "rung0":
+        low = rung_trainer(trainer, HalvingConfig(rungs=2, eta=3), 0)
+        extra = [f"steps={low.steps}", f"eval.num_samples={low.eval.num_samples}",
+                 f"eval.batch_size={low.eval.batch_size}"]
+        futures = {s: pool.submit(score, args.trainer, [*overrides, *extra, "threads=1"], s, f"{tmp}/rung0-{i}")
+                   for i, s in enumerate(schedules)}
+        return {s: f.result() for s, f in futures.items()}
+    data = load_dataset(trainer.data, "train")
+    base = base_model(trainer, data.shape, data.num_classes)
+    space = SearchSpace(load_study("toy").search_space, base.config.base_patch, base.config.input_size)
+    mixture = str(Mixture.of_space(space))
+    warm = run_warm_start(warm_trainer(replace(trainer, threads=args.workers), args.warm_steps), mixture, f"{tmp}/warm")
+    print(f"warm start: {args.warm_steps} steps of {mixture} in {warm['seconds']:.0f} s")
+    extra = [f"steps={args.warm_trial_steps}", f"base={warm['checkpoint']}", "threads=1"]
+    futures = {s: pool.submit(score, args.trainer, [*overrides, *extra], s, f"{tmp}/warm-{i}") for i, s in enumerate(schedules)}
+    return {s: {**f.result(), "seconds": f.result()["seconds"] + warm["seconds"] / len(schedules)}
+            for s, f in futures.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=Path, default=TABLE)
@@ -78,11 +107,17 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="draws the schedules of each band")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--csv", default=None, help="where to write the table (default: no file)")
+    parser.add_argument("--proxy", default="table", choices=("table", "warm", "rung0"),
+                        help="the proxy ranked: the table's trial, a warm-started trial, or halving's lowest rung")
+    parser.add_argument("--long-from", type=Path, default=None,
+                        help="a CSV this script wrote: its long-run FIDs instead of training again")
+    parser.add_argument("--warm-steps", type=int, default=400)
+    parser.add_argument("--warm-trial-steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     table = pd.read_csv(args.table, comment="#")
     if args.quick:
-        args.per_band, args.factor = 2, 1
+        args.per_band, args.factor, args.warm_steps, args.warm_trial_steps = 2, 1, 4, 2
     overrides = QUICK + ["steps=4"] if args.quick else []
     steps = load_trainer(args.trainer, overrides).steps * args.factor
     chosen = bands(table, args.trainer, args.per_band, args.seed)
@@ -90,12 +125,21 @@ def main():
     schedules = [s for members in chosen.values() for s in members]
     with tempfile.TemporaryDirectory() as tmp, \
             ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = {s: pool.submit(score, args.trainer, [*overrides, f"steps={steps}", "threads=1"], s,
-                                  str(Path(tmp) / f"long-{i}")) for i, s in enumerate(schedules)}
-        long = {s: f.result() for s, f in futures.items()}
+        if args.long_from:
+            stored = pd.read_csv(args.long_from).set_index("schedule")
+            long = {s: {"fid": stored.loc[s, "fid_long"], "fid_std": stored.loc[s, "std_long"], "fid_details": None,
+                        "seconds": stored.loc[s, "s_long"]} for s in schedules}
+        else:
+            futures = {s: pool.submit(score, args.trainer, [*overrides, f"steps={steps}", "threads=1"], s,
+                                      str(Path(tmp) / f"long-{i}")) for i, s in enumerate(schedules)}
+            long = {s: f.result() for s, f in futures.items()}
+        cheap = None if args.proxy == "table" else proxy_scores(args.proxy, args, overrides, schedules, tmp, pool)
     proxy = table.set_index("schedule")
+    if cheap is not None:
+        proxy = pd.DataFrame({"gmacs": proxy.gmacs, "fid": {k: v["fid"] for k, v in cheap.items()}}).dropna()
     rows, verdicts = [], []
-    print(f"proxy: the table's trial FIDs ({args.table.name}); long: {steps} steps "
+    print(f"proxy: {dict(table=f'the table trial FIDs ({args.table.name})', rung0='halving rung 0 (2 rungs, eta 3)', warm=f'warm start {args.warm_steps} steps, trials {args.warm_trial_steps} steps')[args.proxy]}; "
+          f"long: {steps} steps{' (from ' + args.long_from.name + ')' if args.long_from else ''} "
           f"({args.factor}x the trial's){' (quick: ' + ' '.join(overrides) + ')' if args.quick else ''}")
     for band, members in chosen.items():
         part = pd.DataFrame([{"band": band, "schedule": s, "gmacs": proxy.loc[s, "gmacs"],

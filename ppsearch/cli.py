@@ -197,7 +197,10 @@ def _front_text(table) -> str:
     shown = table.assign(**{"GMACs": table.gmacs.map("{:.4g}".format),
                             "speed-up": table.speedup.map("{:.2f}x".format),
                             "FID": table.fid.map("{:.3g}".format) + noise, "baseline": table.baseline.fillna("")})
-    return shown[["schedule", "GMACs", "speed-up", "FID", "trial", "baseline"]].to_string(index=False)
+    rungs = []
+    if "rung" in table and table.rung.notna().any():  # successive halving: each point's fidelity
+        shown["rung"], rungs = table.rung.map(lambda r: "" if r is None or r != r else str(int(r))), ["rung"]
+    return shown[["schedule", "GMACs", "speed-up", "FID", *rungs, "trial", "baseline"]].to_string(index=False)
 
 
 def cmd_status(args):
@@ -206,14 +209,23 @@ def cmd_status(args):
     config = _study_from_args(args.overrides)
     with query.open_study(config) as view:
         table, front, lease, stored = view.trials(), view.front(), view.lease(), view.config()
-        noise = view.training_noise()
+        noise, warm = view.training_noise(), view.study.user_attrs.get("warm_start")
     counts = table.state.value_counts()
     states = ("COMPLETE", "FAIL", "RUNNING", "PRUNED", "WAITING")
     print(f"study {config.name} in {hidden_password(config.storage)}: {len(table)} trials, "
           + ", ".join(f"{counts.get(state, 0)} {state}" for state in states if counts.get(state, 0) or state in states[:3]))
     print(f"driver: {lease.describe()}" if lease else "driver: none running"
           + ("; the RUNNING trials were interrupted and resume on the next launch" if counts.get("RUNNING") else ""))
-    print(_cost_text(table, stored))
+    print(_cost_text(table, stored, warm))
+    if warm:
+        print(f"warm start: {warm['steps']} steps of {warm['mixture']} (loss {warm['final_loss']:.4f}, "
+              f"{warm['seconds']:.0f} s); every trial fine-tunes {stored.warm_start.trial_steps or stored.trainer.steps} "
+              f"steps from it")
+    if stored.halving.rungs > 1:
+        per_rung = table[table.state == "COMPLETE"].rung.value_counts()
+        print(f"successive halving: {stored.halving.rungs} rungs, eta {stored.halving.eta}; results per rung: "
+              + ", ".join(f"rung {r}: {per_rung.get(r, 0)}" for r in range(stored.halving.rungs))
+              + "; the front holds each schedule's highest rung")
     if noise:
         print(f"noise: FID +- is the sampling noise of each trial; training noise (the base trained twice, "
               f"trials {' and '.join(map(str, noise['trials'][0]))}, FID gap {noise['gaps'][0]:+.2f}) is about "
@@ -233,10 +245,10 @@ def cmd_status(args):
         print(f"  trial {r.trial} {r.schedule} ({attempts} attempt{'s' if attempts != 1 else ''}): {error}")
 
 
-def _cost_text(table, config) -> str:
+def _cost_text(table, config, warm: dict | None = None) -> str:
     """Device-hours the study's trials took (trial wall time x GPUs per trial, or worker-hours
-    on CPUs; every trial that ran, the base's replicate included) and the projected remainder
-    for the results the budget has left."""
+    on CPUs; every trial that ran, the base's replicate and the warm start included) and the
+    projected remainder for the results the budget has left."""
     gpus = config.ray.num_gpus_per_trial
     unit = "GPU-hours" if gpus else "worker-hours"
     ran = table[table.state.isin(["COMPLETE", "FAIL", "PRUNED"]) & table.timings.map(lambda t: isinstance(t, dict))]
@@ -244,9 +256,10 @@ def _cost_text(table, config) -> str:
     left = max(0, config.n_trials - int(table.state.isin(["COMPLETE", "FAIL"]).sum()))
     if not seconds:
         return f"compute: nothing finished yet; {left} results to go"
-    spent = sum(seconds) * (gpus or 1) / 3600
-    per_trial = spent / len(seconds)
-    return (f"compute: {spent:.3g} {unit} spent on {len(seconds)} trials run ({per_trial:.3g} per trial); "
+    per_trial = sum(seconds) * (gpus or 1) / 3600 / len(seconds)
+    spent = per_trial * len(seconds) + (warm["seconds"] * (gpus or 1) / 3600 if warm else 0.0)
+    return (f"compute: {spent:.3g} {unit} spent on {len(seconds)} trials run{' and the warm start' if warm else ''} "
+            f"({per_trial:.3g} per trial); "
             f"about {per_trial * left:.3g} more for the {left} results left of n_trials={config.n_trials}")
 
 

@@ -94,8 +94,9 @@ def relative_cost(config: PPFlowConfig, schedule: Schedule, sampler: SolverConfi
     return sample_cost(config, schedule, sampler).macs / sample_cost(config, base, sampler).macs
 
 
-def train_step_macs(config: PPFlowConfig, schedule: Schedule, batch: int) -> float:
+def train_step_macs(config: PPFlowConfig, schedule, batch: int) -> float:
     """Expected MACs of one training step (forward + backward = 3 forwards) when t ~ U[0, 1)
-    routes each sample to its stage."""
-    per_sample = sum(s.length * forward_macs(config, s.patch) for s in schedule.stages)
+    routes each sample to its stage (a schedule) or to a shape drawn among its time's (a warm
+    start's mixture)."""
+    per_sample = sum(share * forward_macs(config, patch) for patch, share in schedule.shares().items())
     return 3 * batch * per_sample

@@ -205,6 +205,13 @@ class Schedule:
         """Distinct patch shapes, coarsest first."""
         return list(dict.fromkeys(s.patch for s in self.stages))
 
+    def shares(self) -> dict[PatchShape, float]:
+        """The share of training samples (t ~ U[0, 1)) each patch shape takes."""
+        out: dict[PatchShape, float] = {}
+        for stage in self.stages:
+            out[stage.patch] = out.get(stage.patch, 0.0) + stage.length
+        return out
+
     @property
     def boundaries(self) -> list[float]:
         return [s.t_end for s in self.stages[:-1]]

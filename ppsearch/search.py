@@ -409,7 +409,7 @@ class Driver:
         except Exception as err:
             raise StudyFailed(f"the warm start failed: {_error_line(err)}") from None
         self.warm = result["checkpoint"]
-        record = {k: result[k] for k in ("checkpoint", "final_loss", "seconds", "steps")}
+        record = {k: result[k] for k in ("checkpoint", "final_loss", "seconds", "steps", "train_gmacs")}
         self.retry(lambda: self.study.set_user_attr("warm_start", {**record, "mixture": mixture}),
                    "recording the warm start")
         self.log(f"warm start ready (loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import TrainerConfig
+from .flops import train_step_macs
 from .schedule import PatchShape, Schedule, ScheduleError
 from .space import SearchSpace
 
@@ -48,6 +49,15 @@ class Mixture:
     def patch_shapes(self) -> list[PatchShape]:
         return list(dict.fromkeys(p for shapes, _ in self.intervals for p in shapes))
 
+    def shares(self) -> dict[PatchShape, float]:
+        """The share of training samples (t ~ U[0, 1)) each patch shape takes."""
+        out, start = {}, 0.0
+        for shapes, end in self.intervals:
+            for patch in shapes:
+                out[patch] = out.get(patch, 0.0) + (end - start) / len(shapes)
+            start = end
+        return out
+
     def check_for(self, latent_size, base_patch=None) -> None:
         for patch in self.patch_shapes:
             Schedule.from_stages([patch]).check_for(latent_size, base_patch)
@@ -78,5 +88,6 @@ def run_warm_start(trainer: TrainerConfig, mixture: str, out_dir: str, shared=No
     base = None if shared is None else shared.get("base")
     config = replace(trainer, schedule=mixture, out_dir=out_dir)
     done = train(config, log=lambda line: None, base=None if base is None else copy.deepcopy(base))
+    macs = train_step_macs(done.model.config, Mixture.parse(mixture), config.batch_size) * (done.steps - done.resumed_from)
     return {"model": done.model.cpu().requires_grad_(True).train(), "final_loss": done.final_loss, "losses": done.losses,
-            "seconds": done.seconds, "steps": done.steps, "checkpoint": done.checkpoint}
+            "seconds": done.seconds, "steps": done.steps, "checkpoint": done.checkpoint, "train_gmacs": macs / 1e9}

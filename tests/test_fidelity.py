@@ -22,6 +22,7 @@ from ppsearch.warm_start import Mixture, run_warm_start, warm_trainer
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 from standin import standin_trial  # noqa: E402
+from test_query import run_cli, study_words  # noqa: E402
 
 SMALL = ["search_space.stage_counts=[1,2,3]", "search_space.patch_shapes=[8x8,4x4,2x2]",
          "search_space.boundary_min=0.25", "search_space.boundary_max=0.75", "search_space.boundary_step=0.25"]
@@ -57,7 +58,7 @@ def test_promotion_takes_the_rungs_non_dominated_one_in_eta_most_hypervolume_fir
     assert second is not None and second[0] in {"a", "c", "d"} - {first[0]}
 
 
-def test_halving_promotes_from_the_lower_rung_and_the_front_holds_each_schedules_highest_rung(tmp_path):
+def test_halving_promotes_from_the_lower_rung_and_the_front_holds_each_schedules_highest_rung(tmp_path, capsys):
     seen = []
 
     def recording(trainer, schedule, out_dir, shared):
@@ -85,6 +86,10 @@ def test_halving_promotes_from_the_lower_rung_and_the_front_holds_each_schedules
     assert superseded and not superseded & set(front.trial)  # a promoted schedule shows its highest rung only
     # every promoted schedule's rung-1 point dominates its rung-0 one here, so Optuna's front agrees
     assert sorted(t.number for t in study.best_trials) == sorted(front.trial)
+    code, out, _ = run_cli(capsys, "status", *study_words(config))
+    assert code == 0 and f"successive halving: 2 rungs, eta 3; results per rung: rung 0: {len(low)}, rung 1: {len(high)}" in out
+    header = next(line for line in out.splitlines() if line.strip().startswith("schedule"))
+    assert header.split() == ["schedule", "GMACs", "speed-up", "FID", "rung", "trial", "baseline"]
 
 
 def test_a_promoted_trial_ends_where_a_trial_run_at_its_rung_from_the_start_ends(tmp_path):
@@ -117,7 +122,7 @@ def test_a_mixture_routes_each_sample_to_a_shape_the_space_allows_at_its_time():
 
 
 @pytest.mark.slow
-def test_a_warm_started_study_trains_the_mixture_once_and_starts_every_trial_from_it(tmp_path):
+def test_a_warm_started_study_trains_the_mixture_once_and_starts_every_trial_from_it(tmp_path, capsys):
     config = _study_config(tmp_path, "n_trials=3", "sampler=random", "warm_start.steps=6", "warm_start.trial_steps=2",
                            *[f"trainer.{o}" for o in TINY])
     calls = []
@@ -146,6 +151,10 @@ def test_a_warm_started_study_trains_the_mixture_once_and_starts_every_trial_fro
     lines = []
     Driver(config, log=lines.append, runner=InlineRunner(counting, 1)).run()
     assert (query.trials(config).state == "COMPLETE").sum() == 4
+    assert any(line.startswith("warm start ready") for line in lines)
+    code, out, _ = run_cli(capsys, "status", *study_words(config))
+    assert code == 0 and "warm start: 6 steps of 8x8|4x4|2x2@0.75,2x2" in out and "every trial fine-tunes 2 steps" in out
+    assert "spent on 4 trials run and the warm start" in out
 
 
 def test_the_warm_start_is_the_base_trained_under_the_mixture_and_resumes_finished(tmp_path):
@@ -163,3 +172,54 @@ def test_the_warm_start_is_the_base_trained_under_the_mixture_and_resumes_finish
                                                                   (1, 16, 16), 10).levels["4x4"]
     assert torch.equal(variant.levels["4x4"].x_embedder.proj.weight, warm_level.x_embedder.proj.weight)
     assert not torch.equal(warm_level.x_embedder.proj.weight, fresh.x_embedder.proj.weight)
+
+
+def test_a_driver_killed_during_a_promotion_resumes_it_at_its_rung_from_the_lower_rungs_weights(tmp_path):
+    class Killed(BaseException):
+        pass
+
+    seen, killed = [], []
+
+    def dies_on_the_first_promotion(trainer, schedule, out_dir, shared):
+        if trainer.init_from and not killed:
+            killed.append(schedule)
+            raise Killed
+        seen.append((schedule, trainer.steps, trainer.init_from, out_dir))
+        return standin_trial(trainer, schedule, out_dir, shared)
+
+    config = _study_config(tmp_path, "n_trials=8", "trainer.steps=30", "halving.rungs=2", "halving.eta=3")
+    with pytest.raises(Killed):
+        Driver(config, log=lambda line: None, runner=InlineRunner(dies_on_the_first_promotion, 1)).run()
+    study = optuna.load_study(study_name="toy", storage=config.storage)
+    running = [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert len(running) == 1 and running[0].user_attrs["rung"] == 1
+    lines = []
+    Driver(config, log=lines.append, runner=InlineRunner(dies_on_the_first_promotion, 1)).run()
+    again = optuna.load_study(study_name="toy", storage=config.storage).trials[running[0].number]
+    assert again.state == TrialState.COMPLETE and again.user_attrs["attempts"] == 2
+    source = study.trials[again.user_attrs["promoted_from"]]
+    assert (again.user_attrs["schedule"], 30, source.user_attrs["folder"], again.user_attrs["folder"]) in seen
+    assert any(f"trial {again.number} " in line and "left running" in line for line in lines)
+    complete = [t for t in optuna.load_study(study_name="toy", storage=config.storage).trials
+                if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8 and len({(t.user_attrs["schedule"], t.user_attrs["rung"]) for t in complete}) == 8
+
+
+def test_a_replicate_whose_worker_died_is_retried_as_the_replicate(tmp_path):
+    from ppsearch.runners import WorkerLost
+
+    seen = []
+
+    def loses_the_replicate_once(trainer, schedule, out_dir, shared):
+        seen.append((schedule, trainer.seed, out_dir))
+        if trainer.seed == 1 and sum(1 for s in seen if s[1] == 1) == 1:
+            raise WorkerLost("node died")
+        return standin_trial(trainer, schedule, out_dir, shared)
+
+    config = _study_config(tmp_path, "n_trials=3", "replicate_base=true")
+    Driver(config, log=lambda line: None, runner=InlineRunner(loses_the_replicate_once, 1)).run()
+    study = optuna.load_study(study_name="toy", storage=config.storage)
+    replicate = [t for t in study.trials if "replicate_of" in t.user_attrs]
+    assert len(replicate) == 1 and replicate[0].state == TrialState.PRUNED and replicate[0].user_attrs["attempts"] == 2
+    assert [s for s in seen if s[0] == "2x2"][1:] == [("2x2", 1, s[2]) for s in seen if s[1] == 1]  # both seed + 1
+    assert sum(1 for t in study.trials if t.state == TrialState.COMPLETE) == 3
