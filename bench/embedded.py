@@ -12,12 +12,14 @@ minutes took half of CI's budget.
     python bench/embedded.py               # full: 1,000 samples, 200 pretraining steps timed
     python bench/embedded.py --quick       # CI: checks the script, not the budgets
     python bench/embedded.py --reproduce   # the whole recipe, made against shipped
+    python bench/embedded.py --plateau 1200   # FID against steps of the shipped base trained on (about 10 minutes)
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,13 +76,44 @@ def reproduce(out_dir: str) -> bool:
     return comparable
 
 
+def plateau(out_dir: str, steps: int, every: int) -> None:
+    """FID against steps of the shipped base trained on under its own recipe (pretrain_tiny,
+    fresh optimiser and warm-up): whether the base the toy fine-tunes sits near its plateau."""
+    from ppsearch.train import evaluations
+
+    config = load_trainer("pretrain_tiny", ["base=embedded", f"steps={steps}", f"eval_every={every}",
+                                            "eval_at_end=true", f"out_dir={out_dir}/run", "progress=false",
+                                            "log_every=0", "checkpoint_every=0", f"eval.fid.cache_dir={out_dir}/fid"])
+    from ppsearch.checkpoint import EMBEDDED_BASE, load_base
+
+    shipped = Evaluator(config.eval, config.data, torch.device("cpu"))(load_base(EMBEDDED_BASE), Schedule.parse("2x2")).fid
+    start = time.perf_counter()
+    train(config, log=lambda line: None)
+    curve = {0: (shipped.fid, shipped.fid_std), **{int(k): (v["fid"], v["fid_std"]) for k, v in
+                                                    evaluations(Path(f"{out_dir}/run")).items()}}
+    print(f"the shipped base (2,400 pretraining steps) trained on for {steps} more steps ({config.eval.num_samples} "
+          f"FID samples, {(time.perf_counter() - start) / 60:.1f} min):")
+    for step, (fid, std) in sorted(curve.items()):
+        print(f"  +{step:5d} steps: FID {fid:.2f} +- {std:.2f}")
+    best = min(fid for fid, _ in curve.values())
+    sigma = (shipped.fid_std ** 2 + min(curve.values())[1] ** 2) ** 0.5
+    print(f"result: shipped {shipped.fid:.2f}, best after more steps {best:.2f} ({(shipped.fid - best) / sigma:.1f} sigma): "
+          f"{'near its plateau' if shipped.fid - best <= 2 * sigma else 'NOT at its plateau'}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--pretrain-steps", type=int, default=200, help="steps timed to project the recipe")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reproduce", action="store_true", help="run the whole pretrain_tiny recipe")
+    parser.add_argument("--plateau", type=int, default=0, metavar="STEPS",
+                        help="train the shipped base on for STEPS steps, FID every STEPS / 3")
     args = parser.parse_args(argv)
+    if args.plateau:
+        with tempfile.TemporaryDirectory() as tmp:
+            plateau(tmp, args.plateau, max(1, args.plateau // 3))
+        return
     if args.reproduce:
         with tempfile.TemporaryDirectory() as tmp:
             raise SystemExit(0 if reproduce(tmp) else 1)

@@ -96,7 +96,7 @@ def study_overrides(name, storage, workdir, address, *, sampler, n_trials, sleep
             f"trial_function={STANDIN}", f"trainer.steps={max(1, round(sleep / STEP_SECONDS))}", f"ray.address={address}",
             "ray.num_gpus_per_trial=1", f"ray.max_concurrent={concurrent}", f"ray.max_retries={retries}",
             f"lease_timeout={lease_timeout:g}", f"checkpoint_dir={workdir / 'checkpoints'}",
-            f"export_dir={workdir / 'exports'}"]
+            f"export_dir={workdir / 'exports'}", "warm_start.steps=0"]  # stand-in trials: nothing to warm-start
 
 
 # -- 1 and 2: the driver in this process ---------------------------------------------------------

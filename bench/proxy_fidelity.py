@@ -144,7 +144,8 @@ def main():
     for band, members in chosen.items():
         part = pd.DataFrame([{"band": band, "schedule": s, "gmacs": proxy.loc[s, "gmacs"],
                               "fid_proxy": proxy.loc[s, "fid"], "fid_long": long[s]["fid"],
-                              "std_long": long[s]["fid_std"], "s_long": long[s]["seconds"]} for s in members])
+                              "std_long": long[s]["fid_std"], "s_long": long[s]["seconds"],
+                              **({"s_proxy": cheap[s]["seconds"]} if cheap else {})} for s in members])
         tau = kendalltau(part.fid_proxy, part.fid_long).statistic
         pick = part.loc[part.fid_proxy.idxmin()]
         best = part.loc[part.fid_long.idxmin()]

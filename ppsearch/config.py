@@ -142,7 +142,8 @@ class RayConfig:
 class WarmStartConfig:
     """One variant holding every patch shape of the search space, fine-tuned once per study over
     the whole time axis (each sample's shape drawn among those the space allows at its time) and
-    stored with the study; every trial starts from it instead of the base."""
+    stored with the study; every trial starts from it instead of the base and fine-tunes
+    ``trial_steps`` (fewer than ``trainer.steps``, a trial's length from the base)."""
 
     steps: int = setting(0, low=0)  # fine-tune steps of the warm start; 0: off (trials start from the base)
     trial_steps: int | None = setting(None, low=1)  # a trial's fine-tune steps from it (None: trainer.steps)

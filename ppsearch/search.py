@@ -366,7 +366,7 @@ class Driver:
         for t in trials:
             if not self._ours(t):
                 continue
-            text, rung = t.user_attrs["schedule"], t.user_attrs.get("rung", self.top)
+            text, rung = t.user_attrs.get("schedule"), t.user_attrs.get("rung", self.top)
             if "replicate_of" in t.user_attrs:
                 loop.replicated = True
                 continue
@@ -396,12 +396,15 @@ class Driver:
         config, mixture = self.config, str(Mixture.of_space(self.space))
         folder = str(trial_folder(config.checkpoint_dir, config.name, self.uid, f"warm-start-{config.warm_start.steps}"))
         trainer = warm_trainer(config.trainer, config.warm_start.steps)
-        self.log(f"warm start: {config.warm_start.steps} steps of {mixture} (once per study), in {folder}")
+        self.log(f"warm start: {config.warm_start.steps} steps of {mixture} (once per study), in {folder}; every trial "
+                 f"then fine-tunes {config.warm_start.trial_steps or config.trainer.steps} steps from it "
+                 f"(warm_start.trial_steps; trainer.steps={config.trainer.steps} is a trial's length from the base)")
         handle = self.runner.submit(trainer, mixture, folder, shared, function=run_warm_start)
         while not self.runner.wait([handle], timeout=5.0):
             self.heartbeat.check()
             if self.stop_signal:
-                self.runner.cancel(handle, force=False)
+                self.runner.cancel(handle, force=False)  # it saves a checkpoint, then stops
+                self.runner.wait([handle], timeout=30.0)
                 raise Interrupted(self.stop_signal, f"stopped by {self.stop_signal} during the warm start (it "
                                                     f"resumes from its checkpoint on launch)")
         try:
@@ -484,8 +487,8 @@ class Driver:
         """Successive halving: ``text`` (trial ``source`` at the rung below) runs at ``rung``,
         from the lower rung's weights."""
         loop.promoted[rung - 1].add(text)
-        attrs = {"promoted_from": source, "baseline": self.storage.get_trial_user_attrs(
-            self._trial_id(source)).get("baseline")}
+        source_attrs = self.retry(lambda: self.storage.get_trial_user_attrs(self._trial_id(source)), "reading a trial")
+        attrs = {"promoted_from": source, "baseline": source_attrs.get("baseline")}
         number, _, _, baseline = self._propose(loop, (self.space.params(Schedule.parse(text)), attrs), rung)
         self.log(f"trial {number} {text}: promoted from trial {source} to rung {rung}")
         self._submit(loop, number, text, baseline, 1, rung=rung)
@@ -655,11 +658,13 @@ class Driver:
 
     def _prune_checkpoints(self, front: list[int]):
         """Weights of COMPLETE trials off the front, deleted where this process sees them."""
-        freed = 0
-        for t in self._trials(states=(TrialState.COMPLETE,)):
+        freed, trials = 0, self._trials()
+        promoted = {t.user_attrs.get("promoted_from") for t in trials}
+        for t in (t for t in trials if t.state == TrialState.COMPLETE):
             folder = t.user_attrs.get("checkpoint")
-            if t.number in front or not folder:
-                continue
+            if t.number in front or not folder or (t.user_attrs.get("rung", self.top) < self.top
+                                                   and t.number not in promoted):
+                continue  # a lower rung not promoted yet may still be: its weights are where that starts
             for name in ("model.safetensors", "train_state.pt"):
                 path = Path(folder) / name
                 if path.is_file():

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _quick(script: str) -> str:
-    done = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+def _quick(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
@@ -43,6 +43,15 @@ def test_search_efficiency_benchmark():
 
 def test_proxy_fidelity_benchmark():
     assert _quick("proxy_fidelity.py").startswith("result: Kendall tau ")
+
+
+@pytest.mark.parametrize("proxy", ["warm", "rung0"])
+def test_proxy_fidelity_of_the_cheaper_proxies(proxy):
+    assert _quick("proxy_fidelity.py", "--proxy", proxy).startswith("result: Kendall tau ")
+
+
+def test_fidelity_benchmark():
+    assert _quick("fidelity.py").startswith("result: ")
 
 
 def test_positions_benchmark():

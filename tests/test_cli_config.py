@@ -76,7 +76,7 @@ def test_multirun_launches_one_study_per_value_named_after_it(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     done = subprocess.run(
         [sys.executable, "-m", "ppsearch.cli", "launch", "-m", f"storage={storage}", "n_trials=2",
-         "trial_function=standin:standin_trial", "trainer.steps=1,2", f"checkpoint_dir={tmp_path / 'ck'}",
+         "trial_function=standin:standin_trial", "warm_start.steps=0", "trainer.steps=1,2", f"checkpoint_dir={tmp_path / 'ck'}",
          f"export_dir={tmp_path / 'ex'}"], capture_output=True, text=True, timeout=600, env={"PYTHONPATH": bench,
                                                                                                "PATH": "/usr/bin:/bin",
                                                                                                "HOME": str(Path.home())})

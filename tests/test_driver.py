@@ -24,7 +24,7 @@ SMALL = ["search_space.stage_counts=[1,2,3]", "search_space.patch_shapes=[8x8,4x
 
 def _config(tmp_path, *overrides):
     return load_study("toy", [f"storage=sqlite:///{tmp_path / 'study.db'}", f"checkpoint_dir={tmp_path / 'ck'}",
-                              f"export_dir={tmp_path / 'ex'}", "database_retry_seconds=2", "replicate_base=false", *SMALL,
+                              f"export_dir={tmp_path / 'ex'}", "database_retry_seconds=2", "replicate_base=false", "warm_start.steps=0", *SMALL,
                               *overrides])
 
 

@@ -31,7 +31,7 @@ TINY = ["steps=4", "batch_size=8", "threads=1", "eval.num_samples=40", "eval.bat
 
 def _study_config(tmp_path, *overrides):
     return load_study("toy", [f"storage=sqlite:///{tmp_path / 'study.db'}", f"checkpoint_dir={tmp_path / 'ck'}",
-                              f"export_dir={tmp_path / 'ex'}", "replicate_base=false", *SMALL, *overrides])
+                              f"export_dir={tmp_path / 'ex'}", "replicate_base=false", "warm_start.steps=0", *SMALL, *overrides])
 
 
 def test_rungs_divide_steps_and_samples_by_eta_and_the_top_rung_is_the_trainer():
@@ -123,8 +123,8 @@ def test_a_mixture_routes_each_sample_to_a_shape_the_space_allows_at_its_time():
 
 @pytest.mark.slow
 def test_a_warm_started_study_trains_the_mixture_once_and_starts_every_trial_from_it(tmp_path, capsys):
-    config = _study_config(tmp_path, "n_trials=3", "sampler=random", "warm_start.steps=6", "warm_start.trial_steps=2",
-                           *[f"trainer.{o}" for o in TINY])
+    config = _study_config(tmp_path, "n_trials=3", "sampler=random", "warm_start.steps=6",
+                           "warm_start.trial_steps=2", *[f"trainer.{o}" for o in TINY])
     calls = []
 
     def counting(trainer, schedule, out_dir, shared):
@@ -146,8 +146,8 @@ def test_a_warm_started_study_trains_the_mixture_once_and_starts_every_trial_fro
         model = load_base(Path(four.checkpoint.iloc[0]) / "model.safetensors")
         assert sorted(model.levels) == sorted({"2x2", "4x4"})
     # a second launch reads the warm start back instead of training it again
-    config = _study_config(tmp_path, "n_trials=4", "sampler=random", "warm_start.steps=6", "warm_start.trial_steps=2",
-                           *[f"trainer.{o}" for o in TINY])
+    config = _study_config(tmp_path, "n_trials=4", "sampler=random", "warm_start.steps=6",
+                           "warm_start.trial_steps=2", *[f"trainer.{o}" for o in TINY])
     lines = []
     Driver(config, log=lines.append, runner=InlineRunner(counting, 1)).run()
     assert (query.trials(config).state == "COMPLETE").sum() == 4
@@ -223,3 +223,21 @@ def test_a_replicate_whose_worker_died_is_retried_as_the_replicate(tmp_path):
     assert len(replicate) == 1 and replicate[0].state == TrialState.PRUNED and replicate[0].user_attrs["attempts"] == 2
     assert [s for s in seen if s[0] == "2x2"][1:] == [("2x2", 1, s[2]) for s in seen if s[1] == 1]  # both seed + 1
     assert sum(1 for t in study.trials if t.state == TrialState.COMPLETE) == 3
+
+
+def test_prune_off_front_keeps_the_weights_a_promotion_may_still_start_from(tmp_path):
+    def writing(trainer, schedule, out_dir, shared):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "train_state.pt"):
+            (Path(out_dir) / name).write_bytes(b"w")
+        return {**standin_trial(trainer, schedule, out_dir, shared), "checkpoint": out_dir}
+
+    config = _study_config(tmp_path, "n_trials=10", "halving.rungs=2", "halving.eta=3", "prune_off_front=true")
+    Driver(config, log=lambda line: None, runner=InlineRunner(writing, 1)).run()
+    trials, front = query.trials(config), set(query.front(config).trial)
+    promoted = set(trials.promoted_from.dropna().astype(int))
+    for t in trials[trials.state == "COMPLETE"].itertuples():
+        kept = (Path(t.checkpoint) / "train_state.pt").exists()
+        waiting = t.rung == 0 and t.trial not in promoted  # may still be promoted
+        assert kept == (t.trial in front or waiting), (t.trial, t.schedule, t.rung)
+    assert promoted - front  # a promoted source off the front lost its weights

@@ -36,7 +36,7 @@ def test_optuna_and_the_dashboard_see_the_study_ppsearch_sees(tmp_path, capsys):
     config = load_study("toy", [f"storage={storage}", f"checkpoint_dir={tmp_path / 'ck'}", "n_trials=9",
                                 "sampler=random", "search_space.patch_shapes=[8x8,4x4,2x2]",
                                 "search_space.boundary_step=0.25", "search_space.boundary_min=0.25",
-                                "search_space.boundary_max=0.75", "trainer.steps=1"])
+                                "search_space.boundary_max=0.75", "trainer.steps=1", "warm_start.steps=0"])
     Driver(config, log=lambda line: None, runner=InlineRunner(standin_trial, 2)).run()
     study = optuna.load_study(study_name="toy", storage=storage)
     ours = query.trials(config)

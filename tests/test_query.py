@@ -36,7 +36,7 @@ TRIALS = [
 def make_study(url, name=NAME, with_config=True):
     """A study as the driver leaves it: TRIALS in Optuna (values, user attributes) and, unless
     ``with_config`` is False, its configuration in ppsearch's table."""
-    config = load_study("toy", [f"name={name}"])
+    config = load_study("toy", [f"name={name}", "n_trials=10"])
     config.storage = url
     storage = optuna.storages.RDBStorage(url)
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"])

@@ -21,9 +21,10 @@ from postgres import PASSWORD, restart_server
 pytestmark = pytest.mark.slow
 BENCH = str(Path(__file__).resolve().parent.parent / "bench")
 
-# Trials as small as still meaningful: 2 fine-tune steps, 40 samples with 3 solver steps.
+# Trials as small as still meaningful: a 4-step warm start (the toy's default path), 2 fine-tune
+# steps from it (warm_start.trial_steps: a trial's length), 40 samples with 3 solver steps.
 FAST = ["trainer.steps=2", "trainer.batch_size=8", "trainer.eval.num_samples=40", "trainer.eval.batch_size=40",
-        "trainer.eval.steps=3", "trainer.eval.fid.num_splits=2"]
+        "trainer.eval.steps=3", "trainer.eval.fid.num_splits=2", "warm_start.steps=4", "warm_start.trial_steps=2"]
 STANDIN = ["trial_function=standin:standin_trial"]  # bench/standin.py: sleeps trainer.steps ms
 
 
@@ -100,7 +101,7 @@ def test_full_study_front_and_export_round_trip(storage, tmp_path):
 
 def test_resume_after_the_driver_is_killed_mid_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _launch_args(storage, tmp_path, "n_trials=4", "ray.max_concurrent=1", "trainer.steps=60",
+    args = _launch_args(storage, tmp_path, "n_trials=4", "ray.max_concurrent=1", "warm_start.trial_steps=60",
                         "trainer.checkpoint_every=10")
     with open(tmp_path / "launch.log", "a") as log:
         process = _start(args, log)
@@ -130,7 +131,7 @@ def test_resume_after_the_driver_is_killed_mid_trial(tmp_path):
 
 def test_a_killed_worker_retries_its_trial(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _launch_args(storage, tmp_path, "n_trials=3", "ray.max_concurrent=1", "trainer.steps=60")
+    args = _launch_args(storage, tmp_path, "n_trials=3", "ray.max_concurrent=1", "warm_start.trial_steps=60")
     killed = []
     with open(tmp_path / "launch.log", "a") as log:
         process = _start(args, log)
@@ -244,7 +245,7 @@ def test_a_resumed_study_with_a_larger_budget_proposes_new_schedules(tmp_path):
 
 
 def test_a_database_restart_mid_study_loses_and_repeats_nothing(postgres_database, tmp_path):
-    args = _launch_args(postgres_database, tmp_path, "n_trials=6", "trainer.steps=3000", "sampler=random",
+    args = _launch_args(postgres_database, tmp_path, "n_trials=6", "warm_start.trial_steps=3000", "sampler=random",
                         "database_retry_seconds=120", *STANDIN)
     with open(tmp_path / "launch.log", "a") as log:
         process = _start(args, log)
@@ -261,7 +262,7 @@ def test_a_database_restart_mid_study_loses_and_repeats_nothing(postgres_databas
 
 def test_two_drivers_on_one_study_one_runs_the_other_is_refused(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _launch_args(storage, tmp_path, "n_trials=4", "trainer.steps=2000", *STANDIN)
+    args = _launch_args(storage, tmp_path, "n_trials=4", "warm_start.trial_steps=2000", *STANDIN)
     logs = [open(tmp_path / f"driver{i}.log", "w") for i in range(2)]
     together = [_start(args, logs[0]), _start(args, logs[1])]  # started at the same moment
     codes = sorted(p.wait(600) for p in together)
@@ -282,7 +283,7 @@ def test_two_drivers_on_one_study_one_runs_the_other_is_refused(tmp_path):
 
 def test_a_trial_over_its_time_limit_fails_with_that_reason(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    _run(_launch_args(storage, tmp_path, "n_trials=1", "trainer.steps=60000", "ray.trial_timeout=3", *STANDIN),
+    _run(_launch_args(storage, tmp_path, "n_trials=1", "warm_start.trial_steps=60000", "ray.trial_timeout=3", *STANDIN),
          tmp_path, expect=2)
     trial = _study(storage).trials[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "timed out after 3 s (ray.trial_timeout)"
@@ -291,7 +292,7 @@ def test_a_trial_over_its_time_limit_fails_with_that_reason(tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_driver_in_one_line_and_the_study_resumes(tmp_path, signum, code):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _launch_args(storage, tmp_path, "n_trials=1", "replicate_base=false", "trainer.steps=200",
+    args = _launch_args(storage, tmp_path, "n_trials=1", "replicate_base=false", "warm_start.trial_steps=200",
                         "trainer.checkpoint_every=20", "trainer.log_every=10")
     with open(tmp_path / "launch.log", "a") as log:
         process = _start(args, log)
