@@ -269,7 +269,7 @@ def export_trial(config_or_url: StudyConfig | str, study_name: str | None = None
 def _comment(text: str) -> str:
     import textwrap
 
-    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 96))
+    return "".join(f"# {line}\n" for line in textwrap.wrap(text, 96, break_on_hyphens=False))
 
 
 def _full_training(config: StudyConfig, schedule: str, out_dir: str) -> tuple:
@@ -290,7 +290,9 @@ def _full_training(config: StudyConfig, schedule: str, out_dir: str) -> tuple:
     if not recipe:
         return full, f"The trial's own recipe ({full.steps} steps): the study's trainer has no full_training block."
     where = f"on {full.num_workers} Ray Train workers" if full.num_workers else "in one process"
-    return full, (f"A full-training recipe, not the trial's {trainer.steps}-step fine-tune: {full.steps} steps of "
+    trial = (f"{config.warm_start.trial_steps or trainer.steps}-step fine-tune from the study's warm start"
+             if config.warm_start.steps else f"{trainer.steps}-step fine-tune")
+    return full, (f"A full-training recipe from the base, not the trial's {trial}: {full.steps} steps of "
                   f"global batch {full.batch_size} {where}, lr {full.lr:g}, {full.warmup_steps} warm-up steps, "
                   f"EMA decay {full.ema_decay:g}" + (f" ({source})." if source else "."))
 

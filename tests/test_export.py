@@ -58,8 +58,9 @@ def test_yaml_states_the_full_training_recipe(toy, tmp_path):
     assert path.name == "toy-trial2.yaml"
     assert path.read_text().startswith("# @package _global_\n# Trial 2 of study toy:")
     assert header(path.read_text()).startswith("Trial 2 of study toy: 4x4@0.5,2x4@0.75,2x2, 0.9 GMACs per sample "
-                             "(1.11x faster than the base), FID 12 +- 0.25. A full-training recipe, not the trial's "
-                             "200-step fine-tune: 2000 steps of global batch 64 in one process")
+                             "(1.11x faster than the base), FID 12 +- 0.25. A full-training recipe from the base, not the "
+                             "trial's 50-step fine-tune from the study's warm start: 2000 steps of global batch 64 in "
+                             "one process")
     trainer = load_trainer(str(path))
     assert (trainer.schedule, trainer.out_dir, trainer.steps, trainer.full_training) == (
         "4x4@0.5,2x4@0.75,2x2", "runs/toy-trial2", 2000, None)
