@@ -158,6 +158,11 @@ def test_a_trial_that_raises_fails_alone_and_a_study_of_failures_says_why(tmp_pa
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     # lr = 1e30: the first step throws the weights to ~1e30, the second step's loss is not finite.
     out = _run(_launch_args(storage, tmp_path, "n_trials=3", "trainer.lr=1e30"), tmp_path, expect=2)
+    assert out.strip().splitlines()[-1].startswith(  # the warm start comes first, and fails first
+        "ppsearch launch: error: the warm start failed: NonFiniteLoss: non-finite training loss")
+    assert _study(storage).trials == []
+    out = _run(_launch_args(storage, tmp_path, "n_trials=3", "trainer.lr=1e30", "warm_start.steps=0"), tmp_path,
+               expect=2)
     trials = _study(storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all("NonFiniteLoss: non-finite training loss" in t.user_attrs["error"] for t in trials)
@@ -169,7 +174,7 @@ def test_a_trial_that_raises_fails_alone_and_a_study_of_failures_says_why(tmp_pa
     assert status.returncode == 0 and "NonFiniteLoss" in status.stdout
     # the settings never produced a COMPLETE trial: a relaunch with a sane lr is allowed and runs
     out = _run(_launch_args(storage, tmp_path, "n_trials=2"), tmp_path)
-    assert "settings are replaced (trainer.lr: 1e+30 -> 0.001)" in out
+    assert "settings are replaced (" in out and "trainer.lr: 1e+30 -> 0.001" in out
     assert _states(storage).count(TrialState.COMPLETE) == 2
 
 
