@@ -48,14 +48,14 @@ def test_promotion_takes_the_rungs_non_dominated_one_in_eta_most_hypervolume_fir
     # (trial, gmacs, fid): a and c are non-dominated; b is dominated by a
     results = [{"a": (0, 1.0, 10.0), "b": (1, 2.0, 11.0), "c": (2, 3.0, 2.0)}, {}]
     assert promotion([{"a": (0, 1.0, 10.0)}, {}], [set(), set()], halving) is None  # 1 result: no room
-    share = exclusive_hypervolume({k: v[1:] for k, v in results[0].items()})
-    assert set(share) == {"a", "c"} and set(non_dominated({k: v[1:] for k, v in results[0].items()})) == {"a", "c"}
-    first = promotion(results, [set(), set()], halving)
-    assert first == (max(share, key=share.get), results[0][max(share, key=share.get)][0], 1)
-    assert promotion(results, [{first[0]}, set()], halving) is None  # 3 // 2 = 1 promotion so far
-    results[0]["d"] = (3, 0.5, 20.0)
-    second = promotion(results, [{first[0]}, set()], halving)
-    assert second is not None and second[0] in {"a", "c", "d"} - {first[0]}
+    points = {k: v[1:] for k, v in results[0].items()}
+    assert sorted(non_dominated(points)) == ["a", "c"]
+    # reference 1.1 x the worst of each (3.3, 12.1): a owns (3 - 1) x (12.1 - 10), c (3.3 - 3) x (10 - 2)
+    assert exclusive_hypervolume(points) == pytest.approx({"a": 4.2, "c": 2.4})
+    assert promotion(results, [set(), set()], halving) == ("a", 0, 1)
+    assert promotion(results, [{"a"}, set()], halving) is None  # 3 // 2 = 1 promotion so far
+    results[0]["d"] = (3, 0.5, 20.0)  # 4 results: room for a second; d owns (1 - 0.5) x (22 - 20) = 1 < c's 2.4
+    assert promotion(results, [{"a"}, set()], halving) == ("c", 2, 1)
 
 
 def test_halving_promotes_from_the_lower_rung_and_the_front_holds_each_schedules_highest_rung(tmp_path, capsys):
