@@ -38,6 +38,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from ppsearch import fidelity
 from ppsearch.config import load_study
 from ppsearch.query import hypervolume, hypervolume_history
 from ppsearch.query import trials as study_trials
@@ -70,8 +71,9 @@ OPTIONAL = {name: (lambda kw: lambda space, seed: optuna.samplers.TPESampler(
 
 
 def non_dominated(points: np.ndarray) -> list[int]:
-    """Indices of the points no other point dominates (both objectives minimised)."""
-    return [i for i, p in enumerate(points) if not any((q <= p).all() and (q < p).any() for q in points)]
+    """Indices of the points no other point dominates (both objectives minimised): the rule the
+    study's front uses (``ppsearch.fidelity.non_dominated``), on the rows of an array."""
+    return fidelity.non_dominated({i: tuple(p) for i, p in enumerate(points)})
 
 
 def study_config(storage: str, space: list[str], *extra: str):
